@@ -1,0 +1,81 @@
+"""Atomic checkpoint writes and safe loads.
+
+Writes go to a temporary file in the same folder, are fsynced, then
+``os.replace``d over the target, so a reader (or a crash) never sees a
+partial file. Loads use ``torch.load(weights_only=True)``, which refuses
+pickled code: a planted malicious file raises instead of running.
+Files are created readable by their owner only (0600).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cifar_hpo.errors import UserError
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` atomically with permission ``mode``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` to ``path`` atomically (temp file, fsync, os.replace)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> Any:
+    """Load a checkpoint with ``weights_only=True``.
+
+    Raises:
+        UserError: the file is missing, truncated, corrupt, or holds pickled
+            objects other than tensors and plain containers.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; check the path or run the command that writes it")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt or unsafe files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"checkpoint {path} cannot be loaded safely ({type(e).__name__}: {first[:160]}); "
+            "it is corrupt, truncated or not a cifar-hpo checkpoint: delete it and write it again"
+        ) from None

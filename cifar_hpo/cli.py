@@ -1,0 +1,311 @@
+"""Command line: ``cifar-hpo COMMAND ...``.
+
+    cifar-hpo run --study densenet --trials 50
+    cifar-hpo status
+    cifar-hpo retrain --study densenet
+    cifar-hpo report
+
+Each subcommand is a thin call into the modules of the package. Its help
+text is the first line of its handler's docstring. Heavy imports (torch,
+optuna) happen inside the handlers so that ``--help`` answers at once.
+Errors a user can cause are printed as one line (exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from cifar_hpo.errors import UserError
+
+Handler = Callable[[argparse.Namespace], int | None]
+
+
+# ---------------------------------------------------------------- shared flags
+
+
+def _add_data_flags(p: argparse.ArgumentParser, *, default: str | None = None) -> None:
+    p.add_argument(
+        "--data",
+        default=default,
+        help="data source: 'cifar10' (torchvision download), an ImageFolder folder with train/ and test/, "
+        "a .tar/.tar.gz of one, or a cifar-10-batches-py folder"
+        + (f" (default: {default})" if default else " (default: the study file's)"),
+    )
+    p.add_argument("--data-dir", type=Path, default=None, help="where 'cifar10' is downloaded (default: ~/.cache/cifar-hpo/data)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="decoded-array cache (default: ~/.cache/cifar-hpo/decoded)")
+
+
+def _add_device_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (default: auto)")
+
+
+def _add_json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="also print the result as one JSON object on the last line")
+
+
+def _add_storage_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="SQLAlchemy URL of the study database, e.g. postgresql://user@host/db "
+        "(default: $CIFAR_HPO_STORAGE, else sqlite:///results/cifar_hpo.db)",
+    )
+
+
+def _add_results_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--results", type=Path, default=Path("results"), help="output folder (default: results)")
+
+
+# ---------------------------------------------------------------- handlers
+
+
+def _cmd_explore(args: argparse.Namespace) -> int | None:
+    """Write sample-image grids per class, augmentation previews and class counts."""
+    from cifar_hpo import explore
+
+    explore.main(args)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int | None:
+    """Train one model outside any study and print per-epoch progress."""
+    from cifar_hpo import train
+
+    return train.main(args)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int | None:
+    """Benchmarks measured side by side in one run (data, train, time-to-accuracy, pruning, faults)."""
+    from cifar_hpo import bench
+
+    return bench.main(args)
+
+
+def _cmd_run(args: argparse.Namespace) -> int | None:
+    """Run or resume an Optuna study until it has --trials finished trials."""
+    from cifar_hpo import run
+
+    return run.main(args)
+
+
+def _cmd_studies(args: argparse.Namespace) -> int | None:
+    """List the study files with a one-line description each."""
+    from cifar_hpo import spec
+
+    return spec.main_list(args)
+
+
+def _cmd_status(args: argparse.Namespace) -> int | None:
+    """Show a table of studies, or of one study's trials (safe while a run is going)."""
+    from cifar_hpo import status
+
+    return status.main(args)
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int | None:
+    """Start optuna-dashboard on the study storage and artifact store."""
+    from cifar_hpo import status
+
+    return status.main_dashboard(args)
+
+
+def _cmd_retrain(args: argparse.Namespace) -> int | None:
+    """Retrain the best trial on train+validation and evaluate once on the test split."""
+    from cifar_hpo import final
+
+    return final.main(args)
+
+
+def _cmd_export(args: argparse.Namespace) -> int | None:
+    """Export a final model as a checkpoint, a standalone program and a model card."""
+    from cifar_hpo import export
+
+    return export.main(args)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int | None:
+    """Classify images with a final checkpoint."""
+    from cifar_hpo import export
+
+    return export.main_predict(args)
+
+
+def _cmd_report(args: argparse.Namespace) -> int | None:
+    """Compare every final model with the baseline: figures and summary tables."""
+    from cifar_hpo import report
+
+    return report.main(args)
+
+
+# ---------------------------------------------------------------- parsers
+
+
+def _parser_explore(p: argparse.ArgumentParser) -> None:
+    _add_data_flags(p, default="cifar10")
+    p.add_argument("--out", type=Path, required=True, help="folder for the PNG grids and counts")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="validation share of train (default: 0.1)")
+    p.add_argument("--seed", type=int, default=42, help="split seed (default: 42)")
+    p.add_argument("--per-class", type=int, default=5, help="sample images per class (default: 5)")
+
+
+def _parser_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model name from the registry (see models.MODELS)")
+    _add_data_flags(p, default="cifar10")
+    _add_device_flag(p)
+    p.add_argument("--epochs", type=int, default=10, help="epochs (default: 10)")
+    p.add_argument("--subset", type=int, default=None, help="train on a stratified subset of N images")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="validation share of train (default: 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed for init, batches and augmentation (default: 0)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="set a TrialParams field, e.g. --set lr=0.01 (repeatable)"
+    )
+    p.add_argument("--save", type=Path, default=None, help="write the trained weights to this checkpoint")
+
+
+def _parser_bench(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="bench", metavar="WHAT", required=True)
+    b = sub.add_parser("data", help="images/s of augmented batches: ours vs a DataLoader with PIL transforms")
+    _add_data_flags(b, default="cifar10")
+    _add_device_flag(b)
+    b.add_argument("--batch-size", type=int, default=512, help="batch size (default: 512)")
+    b.add_argument("--seconds", type=float, default=10.0, help="time per side (default: 10)")
+    _add_json_flag(b)
+    b = sub.add_parser("train", help="training images/s per model on the current device")
+    _add_device_flag(b)
+    b.add_argument("--models", default=None, help="comma-separated model names (default: all)")
+    b.add_argument("--batch-size", type=int, default=256, help="batch size (default: 256)")
+    b.add_argument("--steps", type=int, default=10, help="timed steps per model (default: 10)")
+    _add_json_flag(b)
+    b = sub.add_parser("time-to-accuracy", help="wall time until fast_cnn reaches --target test accuracy")
+    _add_data_flags(b, default="cifar10")
+    _add_device_flag(b)
+    b.add_argument("--target", type=float, default=0.70, help="test accuracy to reach (default: 0.70)")
+    b.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a fast_cnn default")
+    _add_json_flag(b)
+    b = sub.add_parser("pruning", help="the same small study with the default pruner and with none")
+    _add_data_flags(b, default="cifar10")
+    _add_device_flag(b)
+    b.add_argument("--trials", type=int, default=16, help="trials per study (default: 16)")
+    b.add_argument("--epochs", type=int, default=6, help="epochs per trial (default: 6)")
+    b.add_argument("--subset", type=int, default=4000, help="training images (default: 4000)")
+    b.add_argument("--seed", type=int, default=0, help="sampler seed (default: 0)")
+    _add_json_flag(b)
+    b = sub.add_parser("faults", help="kill workers during a study; count trials finished, lost and left RUNNING")
+    _add_storage_flag(b)
+    b.add_argument("--trials", type=int, default=12, help="trials (default: 12)")
+    b.add_argument("--workers", type=int, default=2, help="worker processes (default: 2)")
+    b.add_argument("--kills", type=int, default=3, help="SIGKILLs to inject (default: 3)")
+    _add_json_flag(b)
+
+
+def _add_run_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--study", required=True, help="study name (see `cifar-hpo studies`) or path to a study .toml")
+    _add_storage_flag(p)
+    _add_results_flag(p)
+    _add_data_flags(p)
+    _add_device_flag(p)
+    p.add_argument("--epochs", type=int, default=None, help="override the study file's epochs")
+    p.add_argument("--subset", type=int, default=None, help="use a stratified subset of N training images")
+
+
+def _parser_run(p: argparse.ArgumentParser) -> None:
+    _add_run_overrides(p)
+    p.add_argument("--trials", type=int, default=None, help="the study ends with this many finished trials (default: study file)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default: 1)")
+    p.add_argument("--timeout", type=float, default=None, help="stop starting new trials after this many seconds")
+
+
+def _parser_studies(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dir", type=Path, default=None, help="folder of study files (default: the bundled studies/)")
+
+
+def _parser_status(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--study", default=None, help="show this study's trials (default: list all studies)")
+    _add_storage_flag(p)
+    _add_results_flag(p)
+
+
+def _parser_dashboard(p: argparse.ArgumentParser) -> None:
+    _add_storage_flag(p)
+    _add_results_flag(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
+
+
+def _parser_retrain(p: argparse.ArgumentParser) -> None:
+    _add_run_overrides(p)
+    p.add_argument("--seeds", type=int, default=1, help="train once per seed 0..K-1 (default: 1)")
+    p.add_argument("--trial", type=int, default=None, help="retrain this trial number instead of the best")
+    p.add_argument("--default-params", action="store_true", help="use the search space's defaults, not a trial (the baseline)")
+
+
+def _parser_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--study", required=True, help="study whose final model to export")
+    _add_results_flag(p)
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+
+
+def _parser_predict(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", type=Path, required=True, help="a final.pt written by `cifar-hpo retrain`")
+    p.add_argument("images", nargs="+", type=Path, help="image files or folders of images")
+    p.add_argument("--top", type=int, default=1, help="classes shown per image (default: 1)")
+    _add_json_flag(p)
+
+
+def _parser_report(p: argparse.ArgumentParser) -> None:
+    _add_storage_flag(p)
+    _add_results_flag(p)
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: RESULTS/report)")
+
+
+COMMANDS: dict[str, tuple[Handler, Callable[[argparse.ArgumentParser], None]]] = {
+    "run": (_cmd_run, _parser_run),
+    "studies": (_cmd_studies, _parser_studies),
+    "status": (_cmd_status, _parser_status),
+    "dashboard": (_cmd_dashboard, _parser_dashboard),
+    "train": (_cmd_train, _parser_train),
+    "retrain": (_cmd_retrain, _parser_retrain),
+    "report": (_cmd_report, _parser_report),
+    "export": (_cmd_export, _parser_export),
+    "predict": (_cmd_predict, _parser_predict),
+    "explore": (_cmd_explore, _parser_explore),
+    "bench": (_cmd_bench, _parser_bench),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argparse tree (also used by tests to check every --help)."""
+    parser = argparse.ArgumentParser(
+        prog="cifar-hpo",
+        description="Hyperparameter-optimization studies for CIFAR-10 image classifiers (Optuna + PyTorch).",
+        epilog="Start with: cifar-hpo studies; cifar-hpo run --study fast --trials 20",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (handler, add_args) in COMMANDS.items():
+        summary = (handler.__doc__ or "").strip().splitlines()[0]
+        p = sub.add_parser(name, help=summary, description=summary)
+        add_args(p)
+        p.set_defaults(handler=handler)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``cifar-hpo`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.handler(args)
+    except UserError as e:
+        print(f"cifar-hpo: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cifar-hpo: interrupted; finished work is kept, run the same command to resume", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Resolve ``--device auto|cpu|cuda[:N]`` to a ``torch.device``."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from cifar_hpo.errors import UserError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """Return the training device; ``auto`` picks CUDA when present.
+
+    Raises:
+        UserError: the name is malformed or names a GPU that is not there.
+    """
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: no CUDA GPU is visible here; use --device cpu or auto")
+        index = name.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise UserError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0.."
+                f"cuda:{torch.cuda.device_count() - 1}"
+            )
+        return torch.device(name)
+    raise UserError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def cpu_threads() -> int:
+    """Cores this process may use (honours affinity masks set by a launcher)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
