@@ -1,0 +1,264 @@
+"""The Optuna adapter: suggest -> build -> train -> report/prune -> attrs, artifacts.
+
+One ``Context`` is built per worker process (data already on the device);
+``objective(trial, ctx)`` runs one trial. A trial that raises is recorded as
+FAIL with its reason in the user attribute ``fail_reason``; a non-finite loss
+fails the trial (never a NaN score). A trial interrupted by Ctrl-C or SIGTERM
+is failed and re-queued with the same parameters, and its retry (like the
+retry of a trial whose worker was killed) resumes from the last snapshot.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from cifar_hpo import checkpoint, storage
+from cifar_hpo.params import TrialParams
+from cifar_hpo.spec import StudySpec, load_search_space
+
+KEEP_BEST = 3  # completed trials whose checkpoints are kept; the rest are deleted
+SNAPSHOT_EVERY_S = 60.0  # seconds between resumable snapshots within a trial
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training stopped on a NaN or infinite loss."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (preemption) turned into an interrupt, so the trial is saved and marked."""
+
+
+@dataclass
+class Context:
+    """What every trial of one worker process shares."""
+
+    spec: StudySpec
+    data: Any  # data.DeviceData, on the training device
+    results: Path  # results folder; trial files go to results/<study>/trials/<n>/
+    store: optuna.artifacts.FileSystemArtifactStore
+    target_trials: int
+    log: Callable[[str], None] = print
+    snapshot_every_s: float = SNAPSHOT_EVERY_S
+    started: float = field(default_factory=time.time)
+    trial_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def trials_dir(self) -> Path:
+        return self.results / self.spec.name / "trials"
+
+
+def library_versions() -> dict[str, str]:
+    """Versions recorded with every trial and checkpoint."""
+    import torchvision
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "optuna": optuna.__version__,
+    }
+
+
+def device_name(device: torch.device) -> str:
+    """A human name for the device: the GPU model, or the CPU with its cores."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    from cifar_hpo.device import cpu_threads
+
+    return f"cpu ({platform.machine()}, {cpu_threads()} cores)"
+
+
+def finished_count(study: optuna.Study) -> int:
+    """Complete + pruned trials: what ``--trials`` counts."""
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def suggest_params(spec: StudySpec, trial: optuna.trial.BaseTrial) -> TrialParams:
+    """Run the study's search space on ``trial``; check it returned TrialParams."""
+    params = load_search_space(spec.search_space).suggest(trial)
+    if not isinstance(params, TrialParams):
+        raise TypeError(f"search_spaces/{spec.search_space}.py suggest() returned {type(params).__name__}, not TrialParams")
+    if params.model != spec.model:
+        raise ValueError(f"search space {spec.search_space!r} built model {params.model!r}, the study file says {spec.model!r}")
+    return params
+
+
+def objective(trial: optuna.Trial, ctx: Context) -> float:
+    """Train one trial; return its best validation accuracy."""
+    from cifar_hpo import models, train
+
+    root = storage.retried_trial_number(trial)
+    lineage = trial.number if root is None else root
+    folder = ctx.trials_dir / str(lineage)
+    last = folder / "last.pt"
+    seed = ctx.spec.seed * 100_003 + lineage  # a retry trains with its original's seed
+    started = time.time()
+    n_done = finished_count(trial.study)
+    model: torch.nn.Module | None = None
+    try:
+        params = suggest_params(ctx.spec, trial)
+        trial.set_user_attr("trial_params", params.to_dict())
+        trial.set_user_attr("seed", seed)
+        trial.set_user_attr("split_hash", ctx.data.split_hash)
+        trial.set_user_attr("device", device_name(ctx.data.device))
+        trial.set_user_attr("versions", library_versions())
+        torch.manual_seed(seed)
+        model = net = models.build(params, ctx.data.num_classes).to(ctx.data.device)
+        trial.set_user_attr("params_count", sum(p.numel() for p in net.parameters()))
+        resume = checkpoint.load(last, map_location=ctx.data.device) if last.is_file() else None
+        if resume is not None:
+            trial.set_user_attr("resumed_from_epoch", int(resume["epoch"]))
+            ctx.log(f"trial {trial.number}: resuming trial {lineage} from epoch {int(resume['epoch'])}")
+        best: dict[str, Any] = {"acc": -1.0, "state": None, "epoch": 0}
+        last_snapshot = [time.time()]
+
+        def on_epoch(result: train.EpochResult, snapshot: Callable[[], dict]) -> None:
+            if not math.isfinite(result.val_loss):
+                return  # train() ends this run with status "nonfinite" itself
+            trial.report(result.val_acc, result.epoch)
+            if result.val_acc > best["acc"]:
+                best.update(acc=result.val_acc, epoch=result.epoch,
+                            state={k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()})  # fmt: skip
+            _progress(ctx, trial, n_done, result, started)
+            if result.epoch < ctx.spec.epochs and time.time() - last_snapshot[0] >= ctx.snapshot_every_s:
+                checkpoint.save(snapshot(), last)
+                last_snapshot[0] = time.time()
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after epoch {result.epoch} at val_acc {result.val_acc:.4f}")
+
+        try:
+            history = train.train(model, ctx.data, params, epochs=ctx.spec.epochs, seed=seed, on_epoch=on_epoch, resume=resume)
+        except optuna.TrialPruned:
+            _record(trial, ctx, started, None, best)
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        _record(trial, ctx, started, history, best)
+        if history.status == "nonfinite":
+            raise NonFiniteLoss(f"non-finite training loss in epoch {len(history.epochs) + 1}; lower lr or use fp32")
+        value = float(history.best_val_acc)
+        _keep_checkpoint(trial, ctx, params, best, value)
+        shutil.rmtree(folder, ignore_errors=True)
+        return value
+    except optuna.TrialPruned:
+        raise
+    except KeyboardInterrupt:
+        trial.set_user_attr("fail_reason", "interrupted (Ctrl-C or SIGTERM); re-queued to resume from its last snapshot")
+        storage.requeue_interrupted(trial.study, trial.number)
+        raise
+    except Exception as e:
+        reason = f"{type(e).__name__}: {e}".strip().splitlines()[0][:500]
+        trial.set_user_attr("fail_reason", reason)
+        ctx.log(f"trial {trial.number} failed: {reason}")
+        shutil.rmtree(folder, ignore_errors=True)
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            model = None
+            _free_device_memory()
+        raise
+    finally:
+        ctx.trial_seconds.append(time.time() - started)
+        model = net = None  # noqa: F841 - drop the references before freeing device memory
+        if ctx.data.device.type == "cuda":
+            _free_device_memory()
+
+
+def _free_device_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _record(trial: optuna.Trial, ctx: Context, started: float, history: Any, best: dict[str, Any]) -> None:
+    """Per-trial attributes and the learning-curve artifact (also for pruned trials)."""
+    from cifar_hpo import plots
+
+    epochs = [dict(e.__dict__) for e in history.epochs] if history is not None else None
+    if epochs is None:
+        # Pruned: the history is not returned; rebuild the curve from the reports.
+        epochs = [{"epoch": k, "val_acc": v} for k, v in sorted(trial.storage.get_trial(trial._trial_id).intermediate_values.items())]
+    else:
+        trial.set_user_attr("images_per_s", float(sum(e["images_per_s"] for e in epochs) / max(1, len(epochs))))
+        trial.set_user_attr("peak_mem_mb", float(max((e["peak_mem_mb"] for e in epochs), default=0.0)))
+        trial.set_user_attr("status", history.status)
+    trial.set_user_attr("epochs_run", len(epochs))
+    trial.set_user_attr("best_epoch", best["epoch"])
+    trial.set_user_attr("wall_s", round(time.time() - started, 2))
+    with tempfile.TemporaryDirectory() as tmp:
+        png = plots.learning_curve(epochs, Path(tmp) / f"trial-{trial.number}-curve.png", title=f"{ctx.spec.name} trial {trial.number}")
+        optuna.artifacts.upload_artifact(artifact_store=ctx.store, file_path=str(png), study_or_trial=trial, mimetype="image/png")
+
+
+def _keep_checkpoint(trial: optuna.Trial, ctx: Context, params: TrialParams, best: dict[str, Any], value: float) -> None:
+    """Upload this trial's best checkpoint if it is among the best few; delete ones it pushes out."""
+    states = (optuna.trial.TrialState.COMPLETE,)
+    others = [t for t in trial.study.get_trials(deepcopy=False, states=states) if t.value is not None]
+    ranked = sorted([*(t.value for t in others), value], reverse=True)
+    if best["state"] is None or value < ranked[min(KEEP_BEST, len(ranked)) - 1]:
+        return  # not among the best: never written
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"trial-{trial.number}-best.pt"
+        _save_best(path, params, best, ctx)
+        artifact_id = optuna.artifacts.upload_artifact(artifact_store=ctx.store, file_path=str(path), study_or_trial=trial)
+    trial.set_user_attr("checkpoint_artifact_id", artifact_id)
+    keep = {t.number for t in sorted(others, key=lambda t: t.value, reverse=True)[: KEEP_BEST - 1]}
+    for t in others:
+        old = t.user_attrs.get("checkpoint_artifact_id")
+        if old and t.number not in keep:
+            try:
+                ctx.store.remove(old)
+            except Exception:  # already removed by another worker
+                pass
+
+
+def _save_best(path: Path, params: TrialParams, best: dict[str, Any], ctx: Context) -> None:
+    checkpoint.save(
+        {
+            "model_state": best["state"],
+            "params": params.to_dict(),
+            "epoch": best["epoch"],
+            "val_acc": best["acc"],
+            "classes": list(ctx.data.classes),
+            "mean": list(ctx.data.mean),
+            "std": list(ctx.data.std),
+        },
+        path,
+    )
+
+
+def _progress(ctx: Context, trial: optuna.Trial, n_done: int, r: Any, started: float) -> None:
+    """One live line per epoch."""
+    try:
+        best = trial.study.best_value
+    except ValueError:
+        best = float("nan")
+    per_epoch = (time.time() - started) / max(1, r.epoch)
+    left_trial = per_epoch * (ctx.spec.epochs - r.epoch)
+    mean_trial = sum(ctx.trial_seconds) / len(ctx.trial_seconds) if ctx.trial_seconds else per_epoch * ctx.spec.epochs
+    left = left_trial + mean_trial * max(0, ctx.target_trials - n_done - 1)
+    ctx.log(
+        f"trial {n_done + 1}/{ctx.target_trials} (#{trial.number}) epoch {r.epoch}/{ctx.spec.epochs}  "
+        f"val_acc {r.val_acc:.4f}  best {best:.4f}  {r.images_per_s:,.0f} img/s  ~{_duration(left)} left"
+    )
+    sys.stdout.flush()
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

@@ -1,0 +1,306 @@
+"""``cifar-hpo run``: create or resume a study until it has N finished trials.
+
+    cifar-hpo run --study densenet --trials 50
+    cifar-hpo run --study fast --trials 20 --workers 2 --data ../shared/data/cifar10-jpeg.tar.gz
+    cifar-hpo run --study fast --storage postgresql://me@db-host/hpo     # on every machine
+
+``--trials N`` means the study ends with N finished (complete + pruned)
+trials: after an interruption the same command finishes the remainder.
+Failed trials do not count; five failures in a row stop the run with the
+last reason. Several workers (processes here, or machines on one database)
+never run more than N: a trial started beyond the count fails at once with
+the reason "surplus" and runs nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from cifar_hpo import storage
+from cifar_hpo.errors import UserError
+from cifar_hpo.objective import Context, Interrupted, finished_count, objective
+from cifar_hpo.spec import StudySpec, load_spec, save_resolved
+
+MAX_FAILS_IN_ROW = 5
+POLL_S = 5.0  # how often a worker waiting on others' running trials looks again
+
+
+class SurplusTrial(RuntimeError):
+    """A trial started after the study already had enough finished or running trials."""
+
+
+def make_sampler(spec: StudySpec, seed_offset: int) -> optuna.samplers.BaseSampler:
+    """The spec's sampler, seeded so that resumed runs and parallel workers do not repeat draws."""
+    seed = spec.seed + seed_offset
+    if spec.sampler.kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            multivariate=spec.sampler.multivariate,
+            n_startup_trials=spec.sampler.n_startup_trials,
+            constant_liar=True,  # parallel workers: running trials count as bad, so they spread out
+            seed=seed,
+        )
+
+
+def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    """The spec's pruner; resources are epochs."""
+    p = spec.pruner
+    if p.kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=p.min_resource, max_resource=spec.epochs, reduction_factor=p.reduction_factor
+        )
+    if p.kind == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=p.min_resource, reduction_factor=p.reduction_factor)
+    if p.kind == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
+    return optuna.pruners.NopPruner()
+
+
+def split_attrs(spec: StudySpec, split_hash: str) -> dict[str, Any]:
+    """What identifies the data a study's trials saw."""
+    d = spec.data
+    return {"split_hash": split_hash, "data": d.source, "subset": d.subset, "val_fraction": d.val_fraction}
+
+
+def open_study(spec: StudySpec, url: str, split_hash: str) -> optuna.Study:
+    """Create the study, or check that an existing one has the same direction and split.
+
+    Raises:
+        UserError: the name exists with another direction or split (nothing is written then).
+    """
+    st = storage.open_storage(url)
+    summaries = {s.study_name: s for s in optuna.get_all_study_summaries(st, include_best_trial=False)}
+    wanted = split_attrs(spec, split_hash)
+    existing = summaries.get(spec.name)
+    if existing is not None:
+        direction = existing.directions[0].name.lower() if existing.directions else "?"
+        if direction != spec.direction:
+            raise UserError(
+                f"study {spec.name!r} in {storage.mask_url(url)} maximizes/minimizes differently ({direction}); "
+                "use another study name (name = ... in the study file) or another --storage"
+            )
+        had = existing.user_attrs.get("split_hash")
+        if had is not None and had != split_hash:
+            old = {k: existing.user_attrs.get(k) for k in ("data", "subset", "val_fraction")}
+            raise UserError(
+                f"study {spec.name!r} in {storage.mask_url(url)} was run on another split ({old}, hash {had}); "
+                f"this run's is ({ {k: wanted[k] for k in old} }, hash {split_hash}): use the same --data/--subset, "
+                "another --storage, or a study file with another name"
+            )
+    study = optuna.create_study(
+        study_name=spec.name, storage=st, direction=spec.direction, load_if_exists=True,
+        sampler=make_sampler(spec, 0), pruner=make_pruner(spec),
+    )  # fmt: skip
+    if existing is None:
+        for key, value in {**wanted, "model": spec.model, "search_space": spec.search_space, "spec": spec.to_dict()}.items():
+            study.set_user_attr(key, value)
+    return study
+
+
+def load_data(spec: StudySpec, args: argparse.Namespace) -> Any:
+    """Decode (or read from cache) the data, split it, and put train/val on the device."""
+    from cifar_hpo import data
+    from cifar_hpo.device import resolve_device
+
+    device = resolve_device(getattr(args, "device", "auto"))
+    ds = data.load_dataset(spec.data.source, data_dir=getattr(args, "data_dir", None), cache_dir=getattr(args, "cache_dir", None))
+    split = data.split_dataset(ds, val_fraction=spec.data.val_fraction, seed=spec.data.split_seed, subset=spec.data.subset)
+    return data.trial_data(ds, split, device)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (preemption, ``kill``) interrupts like Ctrl-C, so the trial is marked and re-queued."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _count_blocking(study: optuna.Study, number: int) -> int:
+    """Finished or running trials numbered below ``number``."""
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    return sum(1 for t in study.get_trials(deepcopy=False, states=states) if t.number < number)
+
+
+def work(spec: StudySpec, url: str, results: Path, data: Any, *, seed_offset: int = 0, prefix: str = "",
+         timeout: float | None = None) -> None:
+    """One worker's loop: run trials until the study has ``spec.trials`` finished ones."""
+    st = storage.open_storage(url)
+    study = optuna.load_study(study_name=spec.name, storage=st, sampler=make_sampler(spec, seed_offset),
+                              pruner=make_pruner(spec))  # fmt: skip
+
+    def log(line: str) -> None:
+        print(f"{prefix}{line}", flush=True)
+
+    ctx = Context(spec=spec, data=data, results=results, store=storage.artifact_store(url, results),
+                  target_trials=spec.trials, log=log)  # fmt: skip
+
+    ran: list[int] = []
+
+    def guarded(trial: optuna.Trial) -> float:
+        ran.append(trial.number)
+        if _count_blocking(study, trial.number) >= spec.trials and storage.retried_trial_number(trial) is None:
+            trial.set_user_attr("fail_reason", "surplus: the study already had enough finished or running trials")
+            raise SurplusTrial("surplus trial, nothing run")
+        return objective(trial, ctx)
+
+    fails_in_row = 0
+    started = time.time()
+    while True:
+        with _quiet():
+            optuna.storages.fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+        running = sum(t.state == TrialState.RUNNING for t in trials)
+        waiting = sum(t.state == TrialState.WAITING for t in trials)
+        if finished >= spec.trials:
+            break
+        if timeout is not None and time.time() - started > timeout:
+            log(f"--timeout {timeout:g}s reached; {finished}/{spec.trials} trials finished, run again to continue")
+            break
+        if finished + running >= spec.trials and not waiting:
+            time.sleep(POLL_S)  # others' running trials may complete the study, or fail and free a slot
+            continue
+        ran.clear()
+        study.optimize(guarded, n_trials=1, catch=(Exception,), gc_after_trial=False)
+        if not ran:
+            continue
+        last = next(t for t in study.get_trials(deepcopy=False) if t.number == ran[0])
+        log(_trial_line(study, last))
+        if last.state == TrialState.FAIL and not str(last.user_attrs.get("fail_reason", "")).startswith("surplus"):
+            fails_in_row += 1
+            if fails_in_row >= MAX_FAILS_IN_ROW:
+                raise UserError(
+                    f"{fails_in_row} trials in a row failed, last (#{last.number}): {last.user_attrs.get('fail_reason')}; "
+                    f"fix the cause (search space {spec.search_space!r}, data, memory) and run again"
+                )
+        else:
+            fails_in_row = 0
+
+
+def _trial_line(study: optuna.Study, t: optuna.trial.FrozenTrial) -> str:
+    done = finished_count(study)
+    try:
+        best = f"best {study.best_value:.4f} (#{study.best_trial.number})"
+    except ValueError:
+        best = "no complete trial yet"
+    if t.state == TrialState.COMPLETE:
+        what = f"complete, val_acc {t.value:.4f}"
+    elif t.state == TrialState.PRUNED:
+        what = f"pruned after {t.user_attrs.get('epochs_run', '?')} epochs"
+    else:
+        what = f"FAILED: {t.user_attrs.get('fail_reason', 'see log')}"
+    return f"trial #{t.number} {what}; {done} finished, {best}"
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+def _worker_entry(spec: StudySpec, url: str, results: Path, args_dict: dict[str, Any], index: int, workers: int) -> None:
+    """Body of one ``--workers`` process: own device share, own sampler seed."""
+    import torch
+
+    from cifar_hpo.device import cpu_threads
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    args = argparse.Namespace(**args_dict)
+    if args.device in ("auto", "cuda") and torch.cuda.is_available():
+        args.device = f"cuda:{index % torch.cuda.device_count()}"  # round-robin over the visible GPUs
+    elif hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        share = max(1, len(cores) // workers)
+        mine = cores[(index * share) % len(cores):][:share] or cores[:share]
+        os.sched_setaffinity(0, mine)  # each CPU worker gets its share of the cores
+        torch.set_num_threads(cpu_threads())
+    data = load_data(spec, args)
+    with sigterm_as_interrupt():
+        work(spec, url, results, data, seed_offset=1000 * (index + 1) + len_trials(url, spec), prefix=f"[w{index}] ",
+             timeout=args.timeout)  # fmt: skip
+
+
+def len_trials(url: str, spec: StudySpec) -> int:
+    """Trials already in the study (seeds the sampler so resumed runs draw new points)."""
+    st = storage.open_storage(url, heartbeat=False)
+    try:
+        return len(optuna.load_study(study_name=spec.name, storage=st).get_trials(deepcopy=False))
+    except KeyError:
+        return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    """``cifar-hpo run``."""
+    if args.trials is not None and args.trials < 1:
+        raise UserError(f"--trials must be >= 1, got {args.trials}: it is the number of finished trials the study ends with")
+    if args.workers < 1:
+        raise UserError(f"--workers must be >= 1, got {args.workers}")
+    spec = load_spec(args.study).with_overrides(epochs=args.epochs, trials=args.trials, data=args.data, subset=args.subset)
+    results: Path = args.results
+    url = storage.storage_url(args.storage, results)
+    storage.open_storage(url, heartbeat=False)  # fail fast on a bad URL, before decoding data
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    data = load_data(spec, args)
+    study = open_study(spec, url, data.split_hash)
+    save_resolved(spec, results / spec.name)
+    done = finished_count(study)
+    print(
+        f"study {spec.name!r} ({spec.model}, {spec.epochs} epochs/trial) in {storage.mask_url(url)}: "
+        f"{done}/{spec.trials} finished; split {data.split_hash}, {len(data.train_y)} train / {len(data.eval_y)} val images, "
+        f"device {data.device}",
+        flush=True,
+    )
+    if done >= spec.trials:
+        print(f"nothing to do: the study already has {done} finished trials (ask for more with --trials)")
+        return 0
+    if args.workers == 1:
+        with sigterm_as_interrupt():
+            work(spec, url, results, data, seed_offset=len(study.get_trials(deepcopy=False)), timeout=args.timeout)
+    else:
+        import joblib
+
+        del data  # each worker process loads its own copy onto its own device
+        args_dict = {k: v for k, v in vars(args).items() if k != "handler"}
+        joblib.Parallel(n_jobs=args.workers, backend="loky")(
+            joblib.delayed(_worker_entry)(spec, url, results, args_dict, i, args.workers) for i in range(args.workers)
+        )
+    _summary(study)
+    return 0
+
+
+def _summary(study: optuna.Study) -> None:
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    counts = {s.name.lower(): states.count(s) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    try:
+        best = f"best val_acc {study.best_value:.4f} (trial #{study.best_trial.number})"
+    except ValueError:
+        best = "no complete trial"
+    print(f"study {study.study_name!r}: {counts['complete']} complete, {counts['pruned']} pruned, {counts['fail']} failed; {best}")

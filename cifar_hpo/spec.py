@@ -1,0 +1,275 @@
+"""StudySpec: one study file (``studies/<name>.toml``) loaded and validated.
+
+    cifar-hpo studies                 # lists the bundled study files
+    cifar-hpo run --study fast        # a bundled study by name
+    cifar-hpo run --study my.toml     # or a path to your own file
+
+A study file names its model, search space, epochs per trial, trial count,
+sampler, pruner, seed and data. Unknown keys and bad values are rejected with
+the file and key named. The name of the study in the database is the file's
+stem unless the file sets ``name``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cifar_hpo.errors import UserError
+
+STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
+SAMPLERS = ("tpe", "random")
+PRUNERS = ("hyperband", "successive_halving", "median", "none")
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """Which Optuna sampler proposes parameters."""
+
+    kind: str = "tpe"
+    multivariate: bool = True  # TPE: model parameters jointly, not one by one
+    n_startup_trials: int = 8  # random trials before TPE takes over
+
+
+@dataclass(frozen=True)
+class PrunerSpec:
+    """Which Optuna pruner stops bad trials early; resources are epochs."""
+
+    kind: str = "hyperband"
+    min_resource: int = 1  # epochs a trial trains before it can be pruned
+    reduction_factor: int = 3  # hyperband / successive halving: keep 1/rf per rung
+    n_startup_trials: int = 5  # median: trials that are never pruned
+    n_warmup_steps: int = 1  # median: epochs before pruning starts
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where the images come from and how train is split."""
+
+    source: str = "cifar10"
+    val_fraction: float = 0.1  # held out of train for validation
+    split_seed: int = 42  # the original project's random_split seed
+    subset: int | None = None  # stratified subset of N training images (quick runs)
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """A resolved study file."""
+
+    name: str
+    description: str
+    model: str
+    search_space: str  # module in search_spaces/
+    epochs: int  # per trial, the pruner's max resource
+    trials: int  # finished (complete + pruned) trials the study ends with
+    seed: int
+    sampler: SamplerSpec
+    pruner: PrunerSpec
+    data: DataSpec
+    direction: str = "maximize"  # validation accuracy
+    path: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict, as written beside the results."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> StudySpec:
+        """A copy with top-level fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def with_overrides(
+        self,
+        *,
+        epochs: int | None = None,
+        trials: int | None = None,
+        data: str | None = None,
+        subset: int | None = None,
+    ) -> StudySpec:
+        """Apply CLI overrides (None = keep the file's value), validated."""
+        where = "command line"
+        spec = self
+        if epochs is not None:
+            _check(epochs >= 1, where, "--epochs", f"must be >= 1, got {epochs}")
+            spec = spec.replace(epochs=epochs)
+        if trials is not None:
+            _check(trials >= 1, where, "--trials", f"must be >= 1, got {trials}")
+            spec = spec.replace(trials=trials)
+        if data is not None or subset is not None:
+            d = spec.data
+            if data is not None:
+                d = dataclasses.replace(d, source=data)
+            if subset is not None:
+                _check(subset >= 20, where, "--subset", f"must be >= 20 images, got {subset}")
+                d = dataclasses.replace(d, subset=subset)
+            spec = spec.replace(data=d)
+        return spec
+
+
+def _check(ok: bool, where: str, key: str, message: str) -> None:
+    if not ok:
+        raise UserError(f"{where}: {key} {message}")
+
+
+def _section(cls: type, raw: Any, where: str, key: str) -> Any:
+    """Build a section dataclass from a TOML table, rejecting unknown keys and wrong types."""
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: [{key}] must be a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise UserError(f"{where}: unknown key {key}.{unknown[0]}; valid keys of [{key}]: {', '.join(fields)}")
+    defaults = cls()
+    for name, value in raw.items():
+        expected = type(getattr(defaults, name))
+        if getattr(defaults, name) is None:
+            expected = int
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+            raw = {**raw, name: value}
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise UserError(f"{where}: {key}.{name} must be {expected.__name__}, got {value!r}")
+    return cls(**raw)
+
+
+TOP_KEYS = {
+    "name": str,
+    "description": str,
+    "model": str,
+    "search_space": str,
+    "epochs": int,
+    "trials": int,
+    "seed": int,
+    "direction": str,
+}
+
+
+def parse_spec(raw: dict[str, Any], path: Path) -> StudySpec:
+    """Validate a parsed TOML document; every error names the file and key."""
+    where = str(path)
+    sections = {"sampler": SamplerSpec, "pruner": PrunerSpec, "data": DataSpec}
+    unknown = sorted(set(raw) - set(TOP_KEYS) - set(sections))
+    if unknown:
+        valid = ", ".join([*TOP_KEYS, *(f"[{s}]" for s in sections)])
+        raise UserError(f"{where}: unknown key {unknown[0]!r}; valid keys: {valid}")
+    for key in ("model", "search_space", "epochs", "trials"):
+        if key not in raw:
+            raise UserError(f"{where}: missing required key {key!r}")
+    for key, typ in TOP_KEYS.items():
+        if key in raw and (not isinstance(raw[key], typ) or isinstance(raw[key], bool)):
+            raise UserError(f"{where}: {key} must be {typ.__name__}, got {raw[key]!r}")
+    sampler = _section(SamplerSpec, raw.get("sampler"), where, "sampler")
+    pruner = _section(PrunerSpec, raw.get("pruner"), where, "pruner")
+    data = _section(DataSpec, raw.get("data"), where, "data")
+    spec = StudySpec(
+        name=raw.get("name", path.stem),
+        description=raw.get("description", ""),
+        model=raw["model"],
+        search_space=raw["search_space"],
+        epochs=raw["epochs"],
+        trials=raw["trials"],
+        seed=raw.get("seed", 0),
+        sampler=sampler,
+        pruner=pruner,
+        data=data,
+        direction=raw.get("direction", "maximize"),
+        path=str(path),
+    )
+    _validate(spec, where)
+    return spec
+
+
+def _validate(spec: StudySpec, where: str) -> None:
+    from cifar_hpo.models import MODELS  # torch import only when a spec is validated
+
+    _check(spec.model in MODELS, where, "model", f"{spec.model!r} is unknown; valid: {', '.join(MODELS)}")
+    _check(spec.epochs >= 1, where, "epochs", f"must be >= 1, got {spec.epochs}")
+    _check(spec.trials >= 1, where, "trials", f"must be >= 1, got {spec.trials}")
+    _check(spec.direction == "maximize", where, "direction", "must be 'maximize' (the score is validation accuracy)")
+    _check(spec.sampler.kind in SAMPLERS, where, "sampler.kind", f"must be one of {', '.join(SAMPLERS)}")
+    _check(spec.pruner.kind in PRUNERS, where, "pruner.kind", f"must be one of {', '.join(PRUNERS)}")
+    _check(spec.pruner.min_resource >= 1, where, "pruner.min_resource", "must be >= 1")
+    _check(spec.pruner.reduction_factor >= 2, where, "pruner.reduction_factor", "must be >= 2")
+    _check(0.0 < spec.data.val_fraction < 1.0, where, "data.val_fraction", "must be in (0, 1)")
+    _check(spec.data.subset is None or spec.data.subset >= 20, where, "data.subset", "must be >= 20")
+    load_search_space(spec.search_space, where=f"{where}: search_space")
+
+
+def load_search_space(name: str, *, where: str = "search space") -> Any:
+    """Import ``search_spaces.<name>`` and check it has ``suggest(trial)``."""
+    valid = sorted(p.stem for p in (STUDIES_DIR.parent / "search_spaces").glob("*.py") if not p.stem.startswith("_"))
+    if not name.isidentifier():
+        raise UserError(f"{where} {name!r} is not a module name; valid: {', '.join(valid)}")
+    try:
+        module = importlib.import_module(f"search_spaces.{name}")
+    except ModuleNotFoundError as e:
+        if e.name == f"search_spaces.{name}":
+            raise UserError(f"{where} {name!r} not found; valid: {', '.join(valid)}") from None
+        raise UserError(f"{where} {name!r} cannot be imported: {e}") from None
+    except Exception as e:
+        raise UserError(f"{where} {name!r} cannot be imported ({type(e).__name__}: {e}); fix search_spaces/{name}.py") from None
+    if not callable(getattr(module, "suggest", None)):
+        raise UserError(f"{where} {name!r}: search_spaces/{name}.py must define suggest(trial) -> TrialParams")
+    return module
+
+
+def resolve_path(name_or_path: str, studies_dir: Path | None = None) -> Path:
+    """A study name (bundled file) or a path to a .toml file."""
+    folder = studies_dir or STUDIES_DIR
+    candidate = Path(name_or_path)
+    if candidate.suffix == ".toml" or "/" in name_or_path:
+        if not candidate.is_file():
+            raise UserError(f"study file {candidate} does not exist; check the path or use a name from `cifar-hpo studies`")
+        return candidate
+    path = folder / f"{name_or_path}.toml"
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in folder.glob("*.toml")))
+        raise UserError(f"unknown study {name_or_path!r}; valid: {names} (or pass a path to a .toml file)")
+    return path
+
+
+def load_spec(name_or_path: str, studies_dir: Path | None = None) -> StudySpec:
+    """Load and validate a study by bundled name or file path.
+
+    Raises:
+        UserError: unknown study, unreadable or malformed TOML, unknown key, bad value.
+    """
+    path = resolve_path(name_or_path, studies_dir)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML ({e}); fix the file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot be read ({e})") from None
+    return parse_spec(raw, path)
+
+
+def list_specs(studies_dir: Path | None = None) -> list[StudySpec]:
+    """Every valid study file in the folder, sorted by name."""
+    folder = studies_dir or STUDIES_DIR
+    return [load_spec(str(p)) for p in sorted(folder.glob("*.toml"))]
+
+
+def save_resolved(spec: StudySpec, folder: Path) -> Path:
+    """Write the resolved spec beside the results (``spec.json``)."""
+    from cifar_hpo.checkpoint import atomic_write_bytes
+
+    path = folder / "spec.json"
+    atomic_write_bytes(path, (json.dumps(spec.to_dict(), indent=2) + "\n").encode(), mode=0o644)
+    return path
+
+
+def main_list(args: argparse.Namespace) -> int:
+    """``cifar-hpo studies``: one line per study file."""
+    specs = list_specs(args.dir)
+    width = max((len(s.name) for s in specs), default=4)
+    for s in specs:
+        print(f"{s.name:<{width}}  {s.model:<12} {s.epochs:>3} epochs x {s.trials:>3} trials  {s.description}")
+    return 0

@@ -1,0 +1,117 @@
+"""``cifar-hpo status`` and ``cifar-hpo dashboard``: watch studies while they run.
+
+    cifar-hpo status                      # one line per study
+    cifar-hpo status --study fast         # one line per trial
+    cifar-hpo dashboard                   # optuna-dashboard on 127.0.0.1:8080
+
+Both only read the database (no heartbeat, no writes), so they are safe to
+run beside a study in progress. Storage URLs are shown with the password masked.
+"""
+
+from __future__ import annotations
+
+import argparse
+from datetime import datetime
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from cifar_hpo import storage
+from cifar_hpo.errors import UserError
+
+
+def study_rows(st: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
+    """One plain dict per study: name, model, trial counts by state, best value."""
+    rows = []
+    for s in optuna.get_all_study_summaries(st, include_best_trial=True):
+        trials = optuna.load_study(study_name=s.study_name, storage=st).get_trials(deepcopy=False)
+        counts = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
+        rows.append(
+            {
+                "study": s.study_name,
+                "model": s.user_attrs.get("model", "?"),
+                **counts,
+                "best": s.best_trial.value if s.best_trial else None,
+                "best_trial": s.best_trial.number if s.best_trial else None,
+            }
+        )
+    return rows
+
+
+def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
+    """One plain dict per trial: number, state, value, epochs, seconds, params."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        end = t.datetime_complete or (datetime.now() if t.state == TrialState.RUNNING else None)
+        seconds = (end - t.datetime_start).total_seconds() if end and t.datetime_start else None
+        rows.append(
+            {
+                "trial": t.number,
+                "state": t.state.name.lower(),
+                "value": t.value,
+                "epochs": len(t.intermediate_values),
+                "seconds": seconds,
+                "params": t.params,
+                "note": t.user_attrs.get("fail_reason", ""),
+            }
+        )
+    return rows
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    cells = [[_fmt(r[c]) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+def _params_text(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def main(args: argparse.Namespace) -> int:
+    """``cifar-hpo status``."""
+    url = storage.storage_url(args.storage, args.results)
+    st = storage.open_storage(url, heartbeat=False)
+    print(f"storage: {storage.mask_url(url)}")
+    if args.study is None:
+        rows = study_rows(st)
+        if not rows:
+            print("no studies yet; start one with: cifar-hpo run --study NAME")
+            return 0
+        print(_table(rows, ["study", "model", "complete", "pruned", "fail", "running", "waiting", "best", "best_trial"]))
+        return 0
+    try:
+        study = optuna.load_study(study_name=args.study, storage=st)
+    except KeyError:
+        names = ", ".join(s.study_name for s in optuna.get_all_study_summaries(st, include_best_trial=False)) or "none"
+        raise UserError(f"no study {args.study!r} in {storage.mask_url(url)}; studies there: {names}") from None
+    rows = trial_rows(study)
+    for r in rows:
+        r["params"] = _params_text(r["params"])
+    print(_table(rows, ["trial", "state", "value", "epochs", "seconds", "params", "note"]))
+    return 0
+
+
+def main_dashboard(args: argparse.Namespace) -> int:
+    """``cifar-hpo dashboard``: optuna-dashboard on the storage and artifact store."""
+    import optuna_dashboard
+
+    url = storage.storage_url(args.storage, args.results)
+    st = storage.open_storage(url, heartbeat=False)
+    store = storage.artifact_store(url, args.results)
+    print(f"optuna-dashboard on http://{args.host}:{args.port} for {storage.mask_url(url)} (Ctrl-C stops it)", flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print("warning: the dashboard has no login; anyone who can reach this address can read and change the studies")
+    optuna_dashboard.run_server(st, host=args.host, port=args.port, artifact_store=store)
+    return 0

@@ -1,0 +1,169 @@
+"""Storage URL -> Optuna storage, with heartbeats, retries and masked URLs.
+
+    --storage sqlite:///results/cifar_hpo.db            # default, one machine
+    --storage postgresql://user:pw@db-host/hpo          # many machines
+    CIFAR_HPO_STORAGE=postgresql://... cifar-hpo run ...
+
+SQLite is set up so that optuna-dashboard or the ``optuna`` CLI reading the
+database while a study runs never breaks the run: write-ahead logging (readers
+never block the writer) and a long busy timeout (writers wait instead of
+failing with "database is locked"). Every trial sends a heartbeat; a trial
+whose worker died (kill -9, power loss) is failed when the study next runs and
+re-queued with the same parameters and its intermediate values, and resumes
+from its last saved epoch (see ``objective``).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+import sqlalchemy.exc
+from sqlalchemy.engine import make_url
+
+from cifar_hpo.errors import UserError
+
+ENV_VAR = "CIFAR_HPO_STORAGE"
+DB_NAME = "cifar_hpo.db"
+# Seconds between heartbeats, and silence after which a RUNNING trial is stale.
+HEARTBEAT_INTERVAL = int(os.environ.get("CIFAR_HPO_HEARTBEAT", "20"))
+GRACE_PERIOD = int(os.environ.get("CIFAR_HPO_GRACE", str(3 * HEARTBEAT_INTERVAL)))
+MAX_RETRY = 2  # a trial killed more often than this stays FAIL
+SQLITE_BUSY_TIMEOUT_S = 120
+
+
+def storage_url(arg: str | None, results: Path) -> str:
+    """The storage URL: ``--storage``, else ``$CIFAR_HPO_STORAGE``, else SQLite in ``results``."""
+    url = arg or os.environ.get(ENV_VAR)
+    if url:
+        return url
+    return f"sqlite:///{(results / DB_NAME).as_posix()}"
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by ``***`` (safe to print or log)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        # Unparseable: hide whatever sits between '://user:' and '@'.
+        head, sep, tail = url.partition("://")
+        if sep and "@" in tail:
+            creds, _, host = tail.rpartition("@")
+            user = creds.split(":", 1)[0]
+            return f"{head}://{user}:***@{host}"
+        return url
+
+
+def _retry_callback() -> Any:
+    # Optuna 4.9 renamed RetryFailedTrialCallback to RetryHeartbeatStaleTrialCallback
+    # (and the RDBStorage argument failed_trial_callback to heartbeat_stale_trial_callback).
+    cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return cls(max_retry=MAX_RETRY, inherit_intermediate_values=True)
+
+
+def retried_trial_number(trial: optuna.Trial) -> int | None:
+    """Number of the original trial that ``trial`` retries (after a kill or an interrupt), or None."""
+    # The retry callback records the lineage's first trial under this system attribute.
+    value = trial.storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
+    return None if value is None else int(value)
+
+
+def requeue_interrupted(study: optuna.Study, trial_number: int) -> None:
+    """Re-queue an interrupted trial (same params, its intermediate values), as Optuna does for a stale one.
+
+    Interrupts (Ctrl-C, SIGTERM) are not the trial's fault, so they do not count against ``MAX_RETRY``.
+    """
+    frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial_number)
+    cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        cls(max_retry=None, inherit_intermediate_values=True)(study, frozen)
+
+
+def _prepare_sqlite(url: str) -> None:
+    path = make_url(url).database
+    if not path or path == ":memory:":
+        return
+    db = Path(path)
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"storage {url}: cannot create folder {db.parent} ({e.strerror}); pass another --storage") from None
+    new = not db.exists()
+    if not new:
+        with open(db, "rb") as f:
+            header = f.read(16)
+        if header and header != b"SQLite format 3\x00":
+            raise UserError(f"storage {db} is not an SQLite database (corrupt or another file); move it away or pass another --storage")
+    try:
+        con = sqlite3.connect(db, timeout=SQLITE_BUSY_TIMEOUT_S)
+        try:
+            # WAL persists in the file: set once, every later connection uses it.
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA quick_check").fetchone()
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as e:
+        raise UserError(f"storage {db} is damaged ({e}); restore a backup or move it away and pass another --storage") from None
+    if new:
+        os.chmod(db, 0o600)  # study databases are readable by their owner only
+
+
+def open_storage(url: str, *, heartbeat: bool = True) -> optuna.storages.RDBStorage:
+    """Open (creating if needed) the Optuna storage at ``url``.
+
+    Raises:
+        UserError: malformed URL, missing driver, unreachable server, damaged file.
+    """
+    shown = mask_url(url)
+    try:
+        parsed = make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        raise UserError(
+            f"storage URL {shown!r} is malformed; expected e.g. sqlite:///results/cifar_hpo.db or postgresql://user@host/db"
+        ) from None
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}  # reconnect after a server restart
+    if parsed.get_backend_name() == "sqlite":
+        _prepare_sqlite(url)
+        engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+    kwargs: dict[str, Any] = {}
+    if heartbeat:
+        kwargs = {"heartbeat_interval": HEARTBEAT_INTERVAL, "grace_period": GRACE_PERIOD}
+        if "heartbeat_stale_trial_callback" in optuna.storages.RDBStorage.__init__.__code__.co_varnames:
+            kwargs["heartbeat_stale_trial_callback"] = _retry_callback()
+        else:  # Optuna < 4.9
+            kwargs["failed_trial_callback"] = _retry_callback()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+    except ImportError:
+        raise UserError(
+            f"storage {shown}: the database driver for {parsed.drivername!r} is not installed; pip install -e '.[postgres]' (or [mysql])"
+        ) from None
+    except (sqlalchemy.exc.SQLAlchemyError, sqlite3.Error) as e:
+        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+        raise UserError(f"storage {shown} cannot be opened ({reason}); check the URL and that the server is running") from None
+    except RuntimeError as e:  # e.g. schema version mismatch
+        raise UserError(f"storage {shown}: {e}") from None
+
+
+def artifact_dir(url: str, results: Path) -> Path:
+    """The artifact store's folder: beside an SQLite file, else ``results/artifacts``."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        return Path(parsed.database).parent / "artifacts"
+    return results / "artifacts"
+
+
+def artifact_store(url: str, results: Path) -> optuna.artifacts.FileSystemArtifactStore:
+    """Optuna's file-system artifact store for this storage (created if needed)."""
+    folder = artifact_dir(url, results)
+    folder.mkdir(parents=True, exist_ok=True)
+    return optuna.artifacts.FileSystemArtifactStore(str(folder))
