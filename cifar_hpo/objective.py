@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import platform
 import shutil
 import sys
@@ -30,7 +31,11 @@ from cifar_hpo.params import TrialParams
 from cifar_hpo.spec import StudySpec, load_search_space
 
 KEEP_BEST = 3  # completed trials whose checkpoints are kept; the rest are deleted
-SNAPSHOT_EVERY_S = 60.0  # seconds between resumable snapshots within a trial
+
+def _snapshot_every_s() -> float:
+    """Seconds of training between resumable snapshots within a trial."""
+    return float(os.environ.get("CIFAR_HPO_SNAPSHOT_S", "60"))
+
 
 
 class NonFiniteLoss(RuntimeError):
@@ -51,7 +56,7 @@ class Context:
     store: optuna.artifacts.FileSystemArtifactStore
     target_trials: int
     log: Callable[[str], None] = print
-    snapshot_every_s: float = SNAPSHOT_EVERY_S
+    snapshot_every_s: float = field(default_factory=_snapshot_every_s)
     started: float = field(default_factory=time.time)
     trial_seconds: list[float] = field(default_factory=list)
 
@@ -120,6 +125,10 @@ def objective(trial: optuna.Trial, ctx: Context) -> float:
         model = net = models.build(params, ctx.data.num_classes).to(ctx.data.device)
         trial.set_user_attr("params_count", sum(p.numel() for p in net.parameters()))
         resume = checkpoint.load(last, map_location=ctx.data.device) if last.is_file() else None
+        if root is not None:
+            trial.set_user_attr("fail_reason", None)  # copied from the failed original; this retry has not failed
+        # A retry inherits its original's reports; a retry without a snapshot re-trains those epochs.
+        reported = set(trial.storage.get_trial(trial._trial_id).intermediate_values)
         if resume is not None:
             trial.set_user_attr("resumed_from_epoch", int(resume["epoch"]))
             ctx.log(f"trial {trial.number}: resuming trial {lineage} from epoch {int(resume['epoch'])}")
@@ -129,14 +138,15 @@ def objective(trial: optuna.Trial, ctx: Context) -> float:
         def on_epoch(result: train.EpochResult, snapshot: Callable[[], dict]) -> None:
             if not math.isfinite(result.val_loss):
                 return  # train() ends this run with status "nonfinite" itself
-            trial.report(result.val_acc, result.epoch)
+            if result.epoch not in reported:
+                trial.report(result.val_acc, result.epoch)
             if result.val_acc > best["acc"]:
                 best.update(acc=result.val_acc, epoch=result.epoch,
                             state={k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()})  # fmt: skip
-            _progress(ctx, trial, n_done, result, started)
             if result.epoch < ctx.spec.epochs and time.time() - last_snapshot[0] >= ctx.snapshot_every_s:
                 checkpoint.save(snapshot(), last)
                 last_snapshot[0] = time.time()
+            _progress(ctx, trial, n_done, result, started)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {result.epoch} at val_acc {result.val_acc:.4f}")
 

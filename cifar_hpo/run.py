@@ -126,7 +126,12 @@ def load_data(spec: StudySpec, args: argparse.Namespace) -> Any:
 def sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM (preemption, ``kill``) interrupts like Ctrl-C, so the trial is marked and re-queued."""
 
+    fired: list[int] = []
+
     def handler(signum: int, frame: Any) -> None:
+        if fired:
+            return  # a second SIGTERM (a supervisor and the parent both signal) must not abort the save in progress
+        fired.append(signum)
         raise Interrupted(f"signal {signum}")
 
     try:
@@ -227,11 +232,21 @@ def _quiet() -> Iterator[None]:
 
 
 def _worker_entry(spec: StudySpec, url: str, results: Path, args_dict: dict[str, Any], index: int, workers: int) -> None:
-    """Body of one ``--workers`` process: own device share, own sampler seed."""
+    """Body of one ``--workers`` process: own device share, own sampler seed.
+
+    Exits 0 when the study is done (or ``--timeout``), 2 after a ``UserError`` (printed), 130 when
+    interrupted (its trial is then failed and re-queued by ``objective``).
+    """
+    import sys
+
     import torch
 
     from cifar_hpo.device import cpu_threads
 
+    # Ctrl-C reaches the whole process group; the parent turns it into exactly one SIGTERM per worker.
+    # Getting SIGINT here as well would interrupt the worker while it saves and re-queues its trial.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_parent()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     args = argparse.Namespace(**args_dict)
     if args.device in ("auto", "cuda") and torch.cuda.is_available():
@@ -242,10 +257,111 @@ def _worker_entry(spec: StudySpec, url: str, results: Path, args_dict: dict[str,
         mine = cores[(index * share) % len(cores):][:share] or cores[:share]
         os.sched_setaffinity(0, mine)  # each CPU worker gets its share of the cores
         torch.set_num_threads(cpu_threads())
-    data = load_data(spec, args)
-    with sigterm_as_interrupt():
-        work(spec, url, results, data, seed_offset=1000 * (index + 1) + len_trials(url, spec), prefix=f"[w{index}] ",
-             timeout=args.timeout)  # fmt: skip
+    try:
+        with sigterm_as_interrupt():
+            data = load_data(spec, args)
+            work(spec, url, results, data, seed_offset=1000 * (index + 1) + len_trials(url, spec), prefix=f"[w{index}] ",
+                 timeout=args.timeout)  # fmt: skip
+    except UserError as e:
+        print(f"cifar-hpo: error: [w{index}] {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"[w{index}] interrupted; its running trial is re-queued", flush=True)
+        sys.exit(130)
+
+
+def _exit_with_parent() -> None:
+    """Linux: SIGTERM this worker when the ``run`` process dies, so no orphan keeps training unseen."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+    if os.getppid() == 1:  # the parent died before prctl: leave at once
+        raise SystemExit(130)
+
+
+MAX_WORKER_RESTARTS = 3  # per worker: a worker killed (OOM killer, kill -9) more often stays down
+
+
+def _run_workers(spec: StudySpec, url: str, results: Path, args: argparse.Namespace) -> int:
+    """Start ``args.workers`` worker processes and supervise them until all have exited.
+
+    Plain ``multiprocessing`` processes, not a joblib/loky pool: loky SIGKILLs every other worker
+    when one dies, and SIGKILLs them all on Ctrl-C, leaving their trials as zombies; here a killed
+    worker costs only its own trial (failed once its heartbeat is stale, and retried) and is
+    restarted. SIGTERM or Ctrl-C is passed on as one SIGTERM per worker: each fails and re-queues its
+    trial and exits; a second signal SIGKILLs them (their trials are then retried like killed ones).
+
+    Returns:
+        0 when every worker finished, else the worst exit status (2: a worker's UserError).
+
+    Raises:
+        Interrupted: after SIGTERM or Ctrl-C, once the workers have exited.
+    """
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    mp = multiprocessing.get_context("spawn")  # fork after torch (or CUDA) started threads is unsafe
+    args_dict = {k: v for k, v in vars(args).items() if k != "handler"}
+
+    def start(i: int) -> Any:
+        proc = mp.Process(target=_worker_entry, args=(spec, url, results, args_dict, i, args.workers), name=f"cifar-hpo-w{i}")
+        proc.start()
+        return proc
+
+    procs = {i: start(i) for i in range(args.workers)}
+    restarts = dict.fromkeys(procs, 0)
+    received: list[int] = []
+
+    def send(sig: int) -> None:
+        for proc in procs.values():
+            if proc.exitcode is None and proc.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, sig)
+
+    def forward(signum: int, frame: Any) -> None:
+        received.append(signum)
+        send(signal.SIGTERM if len(received) == 1 else signal.SIGKILL)
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError):  # not the main thread: no forwarding
+            previous[sig] = signal.signal(sig, forward)
+    worst = 0
+    try:
+        while procs:
+            wait([proc.sentinel for proc in procs.values()], timeout=1.0)
+            for i, proc in list(procs.items()):
+                if proc.exitcode is None:
+                    continue
+                proc.join()
+                del procs[i]
+                code = proc.exitcode
+                if code < 0 and not received:
+                    name = signal.Signals(-code).name
+                    if restarts[i] < MAX_WORKER_RESTARTS:
+                        restarts[i] += 1
+                        print(f"[w{i}] worker died ({name}); its trial is retried once its heartbeat is {storage.GRACE_PERIOD}s "
+                              f"stale; restarting the worker ({restarts[i]}/{MAX_WORKER_RESTARTS})", flush=True)  # fmt: skip
+                        procs[i] = start(i)
+                        continue
+                    print(f"[w{i}] worker died ({name}) {restarts[i] + 1} times; not restarted, run the same command to continue",
+                          flush=True)  # fmt: skip
+                if code not in (0, 130):
+                    worst = max(worst, 2 if code == 2 else 1)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if procs:  # the parent itself failed: stop the workers the way preemption would
+            send(signal.SIGTERM)
+            for proc in procs.values():
+                proc.join(timeout=30)
+    if received:
+        raise Interrupted(f"signal {received[0]}")
+    return worst
 
 
 def len_trials(url: str, spec: StudySpec) -> int:
@@ -285,13 +401,11 @@ def main(args: argparse.Namespace) -> int:
         with sigterm_as_interrupt():
             work(spec, url, results, data, seed_offset=len(study.get_trials(deepcopy=False)), timeout=args.timeout)
     else:
-        import joblib
-
         del data  # each worker process loads its own copy onto its own device
-        args_dict = {k: v for k, v in vars(args).items() if k != "handler"}
-        joblib.Parallel(n_jobs=args.workers, backend="loky")(
-            joblib.delayed(_worker_entry)(spec, url, results, args_dict, i, args.workers) for i in range(args.workers)
-        )
+        code = _run_workers(spec, url, results, args)
+        if code:
+            _summary(study)
+            return code
     _summary(study)
     return 0
 
