@@ -71,9 +71,9 @@ def library_versions() -> dict[str, str]:
 
     return {
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "optuna": optuna.__version__,
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
+        "optuna": str(optuna.__version__),
     }
 
 

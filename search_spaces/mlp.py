@@ -10,13 +10,13 @@ from search_spaces._common import suggest_training
 
 def defaults() -> TrialParams:
     """A plain two-hidden-layer MLP with Adam."""
-    return TrialParams(model="mlp", optimizer="adam", lr=1e-3, batch_size=128, arch={"width": 512, "depth": 2})
+    return TrialParams(model="mlp", optimizer="adam", lr=1e-3, batch_size=128, arch={"hidden": 512, "depth": 2})
 
 
 def suggest(trial: optuna.trial.BaseTrial) -> TrialParams:
     """Width and depth of the MLP, dropout, and the shared training choices."""
     arch = {
-        "width": trial.suggest_categorical("width", [256, 512, 1024, 2048]),
+        "hidden": trial.suggest_categorical("hidden", [256, 512, 1024, 2048]),
         "depth": trial.suggest_int("depth", 1, 4),
     }
     return TrialParams(

@@ -1,0 +1,575 @@
+"""``cifar-hpo retrain``: retrain a trial on train + validation and test it once.
+
+    cifar-hpo retrain --study fast --seeds 3                    # best trial, 3 seeds
+    cifar-hpo retrain --study fast --trial 12                   # another complete trial
+    cifar-hpo retrain --study baseline --default-params --seeds 3   # the reference
+    cifar-hpo retrain --study fast --epochs 2 --subset 2000     # a quick look
+
+The trial's parameters are replayed through the study's search space
+(``suggest(FixedTrial(trial.params))``) and checked against the
+``trial_params`` the trial stored. With ``--default-params`` the search
+space's ``defaults()`` are trained instead (no trial needed): that is how the
+baseline, the original handcrafted CNN with its published recipe, is made.
+
+Protocol: the model trains on the union of the study's training and
+validation images (``data.final_data``) for the study's full epoch budget
+(the epochs the study ran with, unless ``--epochs``), once per seed 0..K-1
+(seed k seeds initialisation, batch order, augmentation and dropout), and is
+evaluated once on the test split. Nothing is decided on test: no epoch or seed
+is picked by its test score. The per-epoch test accuracy is recorded as a
+learning curve only.
+
+Data: unless ``--data`` / ``--subset`` are given, the data source, subset,
+validation fraction and split seed the study ran with (its ``spec`` user
+attribute) are used, so the trial's validation score and the final model come
+from the same images.
+
+Output: ``RESULTS/<study>/final.pt`` (see `FINAL_KEYS`), written atomically and
+loadable with ``torch.load(weights_only=True)``: the weights of seed 0 (the
+first seed; every seed is an equally valid sample of the recipe, and a fixed
+choice keeps the file reproducible without looking at test scores) and the
+metrics of all seeds; ``final.json`` beside it holds the same metrics without
+weights. An interrupted retrain resumes: after every epoch a snapshot goes to
+``RESULTS/<study>/retrain/seed<k>.partial.pt``, a finished seed to
+``seed<k>.done.pt``; the same command skips finished seeds and resumes the
+partial one from its last epoch. Partials record the parameters, epochs and
+split they belong to; one from another run is ignored (with a message). The
+folder is deleted once ``final.pt`` is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import optuna
+import torch
+from optuna.trial import TrialState
+from sqlalchemy.engine import make_url
+
+from cifar_hpo import checkpoint, storage
+from cifar_hpo.errors import UserError
+from cifar_hpo.objective import device_name, library_versions, suggest_params
+from cifar_hpo.params import TrialParams
+from cifar_hpo.spec import DataSpec, StudySpec, load_search_space, load_spec
+
+if TYPE_CHECKING:
+    from cifar_hpo.data import DeviceData
+    from cifar_hpo.train import EpochResult
+
+FORMAT = "cifar-hpo-final"
+FORMAT_VERSION = 1
+FINAL_NAME = "final.pt"
+RETRAIN_DIR = "retrain"
+INPUT_SIZE = (3, 32, 32)  # channels, height, width the models take
+# Keys every final.pt holds (export, predict and report rely on them).
+FINAL_KEYS = (
+    "format", "format_version", "model_state", "weights_seed", "model", "params", "classes", "num_classes",
+    "mean", "std", "input_size", "study", "trial", "default_params", "trial_value", "best_value", "optuna_params",
+    "split_hash", "data", "epochs", "seeds", "test_acc", "test_acc_mean", "test_acc_std", "test_loss",
+    "per_class_acc", "confusion", "histories", "train_seconds", "images_per_s", "peak_mem_mb", "params_count",
+    "hardware", "device", "versions", "created", "spec",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Source:
+    """Which parameters are retrained, and where they came from.
+
+    Attributes:
+        study: study name (the study file's ``name``).
+        trial: trial number, or None for ``--default-params``.
+        default_params: the search space's ``defaults()`` were used.
+        params: what is trained.
+        optuna_params: the trial's Optuna parameters (empty for defaults).
+        trial_value: the trial's validation accuracy (None for defaults).
+        best_value: the study's best validation accuracy (None without a study).
+        study_spec: the ``spec`` user attribute of the study (the spec it ran with), or None.
+        study_split_hash: the split hash the study's trials saw, or None.
+    """
+
+    study: str
+    trial: int | None
+    default_params: bool
+    params: TrialParams
+    optuna_params: dict[str, Any]
+    trial_value: float | None
+    best_value: float | None
+    study_spec: dict[str, Any] | None
+    study_split_hash: str | None
+
+
+# ---------------------------------------------------------------- studies and trials
+
+
+def existing_storage(url: str) -> optuna.storages.RDBStorage | None:
+    """Open a storage read-only, or return None for an SQLite file that does not exist (never creates one)."""
+    try:
+        parsed = make_url(url)
+    except Exception:
+        parsed = None
+    if parsed is not None and parsed.get_backend_name() == "sqlite":
+        db = parsed.database
+        if db and db != ":memory:" and not Path(db).is_file():
+            return None
+    return storage.open_storage(url, heartbeat=False)
+
+
+def load_study(name: str, url: str) -> optuna.Study:
+    """The study ``name`` in the storage at ``url``, read-only.
+
+    Raises:
+        UserError: no database there, or no study of that name (the message lists those present).
+    """
+    st = existing_storage(url)
+    if st is None:
+        raise UserError(
+            f"no study database at {storage.mask_url(url)}; run `cifar-hpo run --study {name}` first, "
+            "or pass --storage/--results where the study is (or --default-params to train the defaults)"
+        )
+    try:
+        return optuna.load_study(study_name=name, storage=st)
+    except KeyError:
+        names = ", ".join(s.study_name for s in optuna.get_all_study_summaries(st, include_best_trial=False)) or "none"
+        raise UserError(
+            f"no study {name!r} in {storage.mask_url(url)}; studies there: {names} "
+            f"(run `cifar-hpo run --study {name}` first, or pass --default-params)"
+        ) from None
+
+
+def select_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTrial:
+    """Trial ``number``, or the best trial when None; it must be COMPLETE.
+
+    Raises:
+        UserError: no such trial, not complete, or no complete trial at all.
+    """
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if number is None:
+        if not complete:
+            counts = ", ".join(f"{sum(t.state == s for t in trials)} {s.name.lower()}" for s in TrialState)
+            raise UserError(
+                f"study {study.study_name!r} has no complete trial ({counts}); "
+                f"run `cifar-hpo run --study {study.study_name}` until one completes, or pass --default-params"
+            )
+        return study.best_trial
+    found = next((t for t in trials if t.number == number), None)
+    if found is None:
+        raise UserError(
+            f"study {study.study_name!r} has no trial {number} (trials 0..{len(trials) - 1}); "
+            f"see `cifar-hpo status --study {study.study_name}`"
+        )
+    if found.state != TrialState.COMPLETE:
+        ok = ", ".join(str(t.number) for t in complete[:20]) or "none"
+        raise UserError(f"trial {number} of study {study.study_name!r} is {found.state.name.lower()}, not complete; complete trials: {ok}")
+    return found
+
+
+def replay_params(spec: StudySpec, trial: optuna.trial.FrozenTrial) -> TrialParams:
+    """The trial's TrialParams, replayed through the search space with a FixedTrial.
+
+    The replay is checked against the ``trial_params`` user attribute the trial
+    stored. Where they differ (the search space was edited after the study ran),
+    the stored parameters win, since they are what the trial was scored with,
+    and a warning names the differing fields.
+
+    Raises:
+        UserError: the search space cannot replay the trial and no stored parameters exist.
+    """
+    stored_raw = trial.user_attrs.get("trial_params")
+    stored = TrialParams.from_dict(stored_raw) if stored_raw is not None else None
+    try:
+        replayed = suggest_params(spec, optuna.trial.FixedTrial(dict(trial.params)))
+    except UserError:
+        raise
+    except Exception as e:
+        if stored is None:
+            raise UserError(
+                f"search space {spec.search_space!r} cannot replay trial {trial.number} "
+                f"({type(e).__name__}: {e}) and the trial stored no trial_params; restore search_spaces/{spec.search_space}.py"
+            ) from None
+        _warn(f"search space {spec.search_space!r} cannot replay trial {trial.number} ({type(e).__name__}: {e}); "
+              "using the parameters the trial stored")  # fmt: skip
+        return stored
+    if stored is not None and stored != replayed:
+        a, b = stored.to_dict(), replayed.to_dict()
+        diff = ", ".join(f"{k}: stored {a[k]!r} vs replayed {b[k]!r}" for k in a if a[k] != b[k])
+        _warn(f"search space {spec.search_space!r} replays trial {trial.number} differently ({diff}); "
+              "using the parameters the trial stored")  # fmt: skip
+        return stored
+    return replayed
+
+
+def resolve_source(spec: StudySpec, args: argparse.Namespace, url: str) -> Source:
+    """Pick the parameters to retrain: a trial of the study, or the search space's defaults."""
+    default = bool(getattr(args, "default_params", False))
+    if default:
+        if args.trial is not None:
+            raise UserError("--trial and --default-params exclude each other: pass one of them")
+        module = load_search_space(spec.search_space)
+        if not callable(getattr(module, "defaults", None)):
+            raise UserError(f"search_spaces/{spec.search_space}.py has no defaults(); add one returning TrialParams")
+        params = module.defaults()
+        if not isinstance(params, TrialParams):
+            raise UserError(f"search_spaces/{spec.search_space}.py defaults() must return TrialParams")
+        study = _study_if_present(spec.name, url)
+        best = _best_value(study) if study is not None else None
+        attrs = study.user_attrs if study is not None else {}
+        return Source(spec.name, None, True, params, {}, None, best, attrs.get("spec"), attrs.get("split_hash"))
+    study = load_study(spec.name, url)
+    trial = select_trial(study, args.trial)
+    params = replay_params(spec, trial)
+    attrs = study.user_attrs
+    return Source(
+        study=spec.name,
+        trial=trial.number,
+        default_params=False,
+        params=params,
+        optuna_params=dict(trial.params),
+        trial_value=float(trial.value) if trial.value is not None else None,
+        best_value=_best_value(study),
+        study_spec=attrs.get("spec"),
+        study_split_hash=attrs.get("split_hash"),
+    )
+
+
+def _study_if_present(name: str, url: str) -> optuna.Study | None:
+    st = existing_storage(url)
+    if st is None:
+        return None
+    try:
+        return optuna.load_study(study_name=name, storage=st)
+    except KeyError:
+        return None
+
+
+def _best_value(study: optuna.Study) -> float | None:
+    try:
+        return float(study.best_value)
+    except ValueError:
+        return None
+
+
+def final_spec(spec: StudySpec, source: Source, args: argparse.Namespace) -> StudySpec:
+    """The spec to retrain with: the study's recorded epochs and data, then the CLI overrides."""
+    if source.study_spec:
+        ran = source.study_spec
+        data = ran.get("data") or {}
+        known = {f.name for f in dataclasses.fields(DataSpec)}
+        spec = spec.replace(
+            epochs=int(ran.get("epochs", spec.epochs)),
+            data=dataclasses.replace(spec.data, **{k: v for k, v in data.items() if k in known}),
+        )
+    return spec.with_overrides(epochs=args.epochs, data=args.data, subset=args.subset)
+
+
+def load_final_data(spec: StudySpec, args: argparse.Namespace) -> DeviceData:
+    """Train + validation images and the test split of the spec's data, on ``--device``."""
+    from cifar_hpo import data
+    from cifar_hpo.device import resolve_device
+
+    device = resolve_device(getattr(args, "device", "auto"))
+    ds = data.load_dataset(spec.data.source, data_dir=getattr(args, "data_dir", None), cache_dir=getattr(args, "cache_dir", None))
+    split = data.split_dataset(ds, val_fraction=spec.data.val_fraction, seed=spec.data.split_seed, subset=spec.data.subset)
+    return data.final_data(ds, split, device)
+
+
+# ---------------------------------------------------------------- one seed
+
+
+def identity(source: Source, epochs: int, data: DeviceData) -> dict[str, Any]:
+    """What a partial or finished seed belongs to; a file with another identity is not reused."""
+    return {
+        "study": source.study,
+        "trial": source.trial,
+        "default_params": source.default_params,
+        "params": source.params.to_dict(),
+        "epochs": epochs,
+        "split_hash": data.split_hash,
+        "classes": list(data.classes),
+    }
+
+
+def _check_classes(path: Path, saved: dict[str, Any], data: DeviceData) -> None:
+    classes = list(saved.get("identity", {}).get("classes", []))
+    if classes != list(data.classes):
+        raise UserError(
+            f"{path} was made on data with classes {classes}, this data has {list(data.classes)}; "
+            f"retrain with the --data it was made on, or delete {path.parent} to start over"
+        )
+
+
+def _same_run(path: Path, saved: dict[str, Any], ident: dict[str, Any]) -> bool:
+    """True when a saved seed file belongs to this run; else say why it is ignored."""
+    had = saved.get("identity", {})
+    differs = [k for k in ("study", "trial", "params", "epochs", "split_hash") if had.get(k) != ident[k]]
+    if differs:
+        print(f"ignoring {path}: it belongs to another run (different {', '.join(differs)})", flush=True)
+        return False
+    return True
+
+
+def retrain_seed(source: Source, data: DeviceData, epochs: int, seed: int, n_seeds: int, folder: Path) -> dict[str, Any]:
+    """Train one seed (resuming its partial when there is one), test it once, return its record.
+
+    The record (also saved as ``seed<k>.done.pt``) holds the test metrics, the
+    history, timings and, for seed 0, the weights.
+    """
+    from cifar_hpo import models, train
+
+    ident = identity(source, epochs, data)
+    done_path, partial_path = folder / f"seed{seed}.done.pt", folder / f"seed{seed}.partial.pt"
+    tag = f"[seed {seed} ({seed + 1}/{n_seeds})]"
+    if done_path.is_file():
+        done = checkpoint.load(done_path)
+        _check_classes(done_path, done, data)
+        if _same_run(done_path, done, ident):
+            print(f"{tag} already finished: test acc {done['test_acc']:.4f} (from {done_path})", flush=True)
+            return done
+    resume = None
+    if partial_path.is_file():
+        partial = checkpoint.load(partial_path, map_location=data.device)
+        _check_classes(partial_path, partial, data)
+        if _same_run(partial_path, partial, ident):
+            resume = partial["snapshot"]
+            print(f"{tag} resuming from epoch {int(resume['epoch'])}/{epochs} ({partial_path})", flush=True)
+
+    torch.manual_seed(seed)  # initial weights; train() seeds batches, augmentation and dropout
+    model = models.build(source.params, data.num_classes).to(data.device)
+
+    def on_epoch(r: EpochResult, snapshot: Any) -> None:
+        print(
+            f"{tag} epoch {r.epoch:>3}/{epochs}  loss {r.train_loss:.4f}  train_acc {r.train_acc:.4f}  "
+            f"test_acc {r.val_acc:.4f}  lr {r.lr:.2e}  {r.images_per_s:,.0f} img/s  {r.seconds:.1f} s",
+            flush=True,
+        )
+        if r.epoch < epochs:
+            checkpoint.save({"identity": ident, "snapshot": snapshot()}, partial_path)
+
+    history = train.train(model, data, source.params, epochs=epochs, seed=seed, on_epoch=on_epoch, resume=resume)
+    if history.status != "ok":
+        raise UserError(
+            f"{tag} training stopped with status {history.status!r} after {len(history.epochs)} epochs "
+            f"(non-finite loss): the recipe diverges on train+val; retrain another --trial, or fewer --epochs"
+        )
+    metrics = train.evaluate(model, data.eval_x, data.eval_y, mean=data.mean, std=data.std, precision=source.params.precision)
+    confusion = metrics.confusion.astype(np.int64)
+    per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
+    epochs_run = history.epochs
+    record = {
+        "identity": ident,
+        "seed": seed,
+        "test_acc": float(metrics.acc),
+        "test_loss": float(metrics.loss),
+        "per_class_acc": [float(v) for v in per_class],
+        "confusion": confusion.tolist(),
+        "history": history.to_dict(),
+        "seconds": float(history.seconds),
+        "images_per_s": float(np.mean([e.images_per_s for e in epochs_run])) if epochs_run else 0.0,
+        "peak_mem_mb": float(max((e.peak_mem_mb for e in epochs_run), default=0.0)),
+        "params_count": int(history.params_count),
+        # Only seed 0's weights go into final.pt; the others need not be kept.
+        "model_state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()} if seed == 0 else None,
+    }
+    checkpoint.save(record, done_path)
+    partial_path.unlink(missing_ok=True)
+    print(f"{tag} test acc {metrics.acc:.4f} (loss {metrics.loss:.4f}) in {history.seconds:.1f} s", flush=True)
+    return record
+
+
+# ---------------------------------------------------------------- final.pt
+
+
+def build_final(source: Source, spec: StudySpec, data: DeviceData, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The content of final.pt: weights of seed 0, metrics of every seed, provenance."""
+    accs = [r["test_acc"] for r in records]
+    std = float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0  # sample std over seeds
+    state = records[0]["model_state"]
+    final = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_state": None,  # set below, after the rest is made plain
+        "weights_seed": records[0]["seed"],
+        "model": source.params.model,
+        "params": source.params.to_dict(),
+        "classes": list(data.classes),
+        "num_classes": data.num_classes,
+        "mean": [float(v) for v in data.mean],  # per channel, [0, 1] units
+        "std": [float(v) for v in data.std],
+        "input_size": list(INPUT_SIZE),
+        "study": source.study,
+        "trial": source.trial,
+        "default_params": source.default_params,
+        "trial_value": source.trial_value,
+        "best_value": source.best_value,
+        "optuna_params": source.optuna_params,
+        "split_hash": data.split_hash,
+        "data": {
+            "source": spec.data.source,
+            "subset": spec.data.subset,
+            "val_fraction": spec.data.val_fraction,
+            "split_seed": spec.data.split_seed,
+            "train_images": len(data.train_y),  # train + validation
+            "test_images": len(data.eval_y),
+        },
+        "epochs": spec.epochs,
+        "seeds": [r["seed"] for r in records],
+        "test_acc": accs,
+        "test_acc_mean": float(np.mean(accs)),
+        "test_acc_std": std,
+        "test_loss": [r["test_loss"] for r in records],
+        "per_class_acc": [r["per_class_acc"] for r in records],
+        "confusion": [r["confusion"] for r in records],
+        "histories": [r["history"] for r in records],
+        "train_seconds": [r["seconds"] for r in records],  # per seed: training + per-epoch test evaluation
+        "images_per_s": [r["images_per_s"] for r in records],  # per seed: training images/s, mean over epochs
+        "peak_mem_mb": [r["peak_mem_mb"] for r in records],
+        "params_count": records[0]["params_count"],
+        "hardware": device_name(data.device),
+        "device": str(data.device),
+        "versions": {k: str(v) for k, v in library_versions().items()},  # torch's is a str subclass: not loadable safely
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "spec": spec.to_dict(),
+    }
+    final = plain(final)
+    final["model_state"] = state
+    return final
+
+
+def plain(obj: Any) -> Any:
+    """``obj`` with str/int/float subclasses (TorchVersion, numpy scalars) and tuples made plain.
+
+    ``torch.load(weights_only=True)`` refuses any class it does not know, so
+    everything saved in a final checkpoint must be a builtin container, a
+    builtin scalar or a tensor.
+    """
+    if isinstance(obj, torch.Tensor) or obj is None or type(obj) in (bool, int, float, str):
+        return obj
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, bool | np.bool_):
+        return bool(obj)
+    if isinstance(obj, int | np.integer):
+        return int(obj)
+    if isinstance(obj, float | np.floating):
+        return float(obj)
+    return str(obj)
+
+
+def metrics_json(final: dict[str, Any]) -> dict[str, Any]:
+    """final.pt without the weights: what final.json holds."""
+    return {k: v for k, v in final.items() if k != "model_state"}
+
+
+def final_path(results: Path, study: str) -> Path:
+    """Where the final checkpoint of ``study`` lives."""
+    return results / study / FINAL_NAME
+
+
+def load_final(path: Path) -> dict[str, Any]:
+    """Load a final.pt and check it is one.
+
+    Raises:
+        UserError: missing, corrupt, or not a cifar-hpo final checkpoint.
+    """
+    obj = checkpoint.load(path)
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise UserError(f"{path} is not a final checkpoint of cifar-hpo (written by `cifar-hpo retrain`)")
+    missing = [k for k in FINAL_KEYS if k not in obj]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}; write it again with `cifar-hpo retrain`")
+    return obj
+
+
+def build_model(final: dict[str, Any]) -> torch.nn.Module:
+    """The final model with its weights, in eval mode on the CPU.
+
+    Pretrained backbones are built without downloading ImageNet weights: the
+    checkpoint holds all of them.
+
+    Raises:
+        UserError: the weights do not fit the model the checkpoint names.
+    """
+    from cifar_hpo import models
+
+    params = TrialParams.from_dict(final["params"]).replace(pretrained=False)
+    model = models.build(params, int(final["num_classes"]))
+    try:
+        model.load_state_dict(final["model_state"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"the weights in the checkpoint do not fit model {params.model!r} ({first[:200]})") from None
+    return model.eval()
+
+
+# ---------------------------------------------------------------- command
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def main(args: argparse.Namespace) -> int:
+    """``cifar-hpo retrain``."""
+    if args.seeds < 1:
+        raise UserError(f"--seeds must be >= 1, got {args.seeds}")
+    spec = load_spec(args.study)
+    results: Path = args.results
+    url = storage.storage_url(args.storage, results)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    source = resolve_source(spec, args, url)
+    spec = final_spec(spec, source, args)
+    data = load_final_data(spec, args)
+    if source.study_split_hash and source.study_split_hash != data.split_hash:
+        print(
+            f"note: this data split ({data.split_hash}) is not the one the study's trials saw "
+            f"({source.study_split_hash}): the trial's validation score came from other images",
+            flush=True,
+        )
+    what = "default parameters" if source.default_params else f"trial {source.trial} (val acc {source.trial_value:.4f})"
+    print(
+        f"retraining {spec.name!r} {what}: {source.params.model}, {spec.epochs} epochs x {args.seeds} seed(s) on "
+        f"{len(data.train_y):,} train+val images, testing on {len(data.eval_y):,}; device {data.device}",
+        flush=True,
+    )
+    print("params: " + ", ".join(f"{k}={v}" for k, v in source.params.to_dict().items() if k != "model"), flush=True)
+    out_dir = results / spec.name
+    folder = out_dir / RETRAIN_DIR
+    started = time.time()
+    records = [retrain_seed(source, data, spec.epochs, k, args.seeds, folder) for k in range(args.seeds)]
+    final = build_final(source, spec, data, records)
+    path = final_path(results, spec.name)
+    checkpoint.save(final, path)
+    checkpoint.atomic_write_bytes(
+        out_dir / "final.json", (json.dumps(metrics_json(final), indent=1, default=_json_default) + "\n").encode(), mode=0o644
+    )
+    shutil.rmtree(folder, ignore_errors=True)
+    spread = f" ± {100 * final['test_acc_std']:.2f}" if len(records) > 1 else ""
+    print(
+        f"test accuracy {100 * final['test_acc_mean']:.2f}{spread} % over {len(records)} seed(s) "
+        f"({time.time() - started:.0f} s); wrote {path} (weights of seed {final['weights_seed']}) and {out_dir / 'final.json'}",
+        flush=True,
+    )
+    return 0
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return str(obj)

@@ -1,0 +1,151 @@
+"""`cifar-hpo report`: figures exist, numbers equal the study's and the checkpoints', bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import optuna
+import pytest
+from conftest import make_image_folder
+from optuna.trial import TrialState
+
+from cifar_hpo import checkpoint, cli, report
+from cifar_hpo.final import load_final
+
+STUDY = """
+name = "{name}"
+model = "baseline_cnn"
+search_space = "baseline"
+epochs = 1
+trials = 2
+seed = 0
+[sampler]
+kind = "random"
+[pruner]
+kind = "none"
+"""
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """A 2-trial study 'tiny' (plus one pruned trial), its final model and the baseline's, 2 seeds each."""
+    root = tmp_path_factory.mktemp("report")
+    folder = make_image_folder(root / "imgs", n_train=20, n_test=6)
+    db, results, cache = f"sqlite:///{root}/db.sqlite3", root / "res", root / "cache"
+    for name in ("tiny", "baseline"):
+        (root / f"{name}.toml").write_text(STUDY.format(name=name))
+    common = ["--storage", db, "--results", str(results), "--cache-dir", str(cache), "--device", "cpu"]
+    assert cli.main(["run", "--study", str(root / "tiny.toml"), "--data", str(folder), "--trials", "2", *common]) == 0
+    study = optuna.load_study(study_name="tiny", storage=db)
+    done = study.get_trials()[0]
+    study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED, params=done.params, distributions=done.distributions,
+                                              intermediate_values={1: 0.1}))  # fmt: skip
+    assert cli.main(["retrain", "--study", str(root / "tiny.toml"), "--seeds", "2", *common]) == 0
+    assert cli.main(["retrain", "--study", str(root / "baseline.toml"), "--default-params", "--data", str(folder),
+                     "--seeds", "2", *common]) == 0  # fmt: skip
+    return SimpleNamespace(root=root, folder=folder, db=db, results=results)
+
+
+def test_report_files_and_numbers(env: SimpleNamespace, tmp_path: Path) -> None:
+    from PIL import Image
+
+    out = tmp_path / "report"
+    assert cli.main(["report", "--results", str(env.results), "--storage", env.db, "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    expected = ["accuracy.png", "learning_curves.png", "per_class.png", "confusion_baseline.png", "confusion_tiny.png",
+                "study_tiny_history.png", "study_tiny_intermediate.png"]  # fmt: skip
+    for name in expected:
+        assert name in summary["figures"], name
+    for name in summary["figures"]:
+        with Image.open(out / name) as im:
+            assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 150
+    assert not (out / "study_baseline_history.png").exists()  # no baseline study in the storage
+    assert any("study 'baseline' is not in" in n for n in summary["notes"])
+
+    tiny = load_final(env.results / "tiny" / "final.pt")
+    base = load_final(env.results / "baseline" / "final.pt")
+    study = optuna.load_study(study_name="tiny", storage=env.db)
+    rows = {r["study"]: r for r in summary["rows"]}
+    assert [r["study"] for r in summary["rows"]] == ["baseline", "tiny"]  # the baseline first
+    t, b = rows["tiny"], rows["baseline"]
+    assert t["best_val_acc"] == study.best_value and t["best_val_acc_from"] == "storage"
+    assert t["trial"] == study.best_trial.number and t["trial_val_acc"] == study.best_value
+    assert t["test_acc"] == tiny["test_acc"] and b["test_acc"] == base["test_acc"]
+    assert t["test_acc_mean"] == pytest.approx(np.mean(tiny["test_acc"]))
+    assert t["test_acc_std"] == pytest.approx(np.std(tiny["test_acc"], ddof=1))
+    assert t["diff_points"] == pytest.approx(100 * (np.mean(tiny["test_acc"]) - np.mean(base["test_acc"])))
+    assert b["diff_points"] == 0.0 and b["default_params"] is True and b["best_val_acc"] is None
+    assert t["params_count"] == tiny["params_count"] and t["hardware"] == tiny["hardware"]
+    assert t["train_seconds"] == pytest.approx(np.mean(tiny["train_seconds"]))
+    assert t["images_per_s"] == pytest.approx(np.mean(tiny["images_per_s"]))
+    assert t["optuna_params"] == study.best_trial.params and t["params"] == tiny["params"]
+
+    # Plot data: confusion summed over seeds; pruned trials present in the intermediate values.
+    assert np.array(summary["confusion"]["tiny"]["counts"]).tolist() == np.sum(tiny["confusion"], axis=0).tolist()
+    inter = summary["studies"]["tiny"]["intermediate"]["trials"]
+    assert sorted(tr["state"] for tr in inter) == ["complete", "complete", "pruned"]
+    assert sum(tr["best"] for tr in inter) >= 1
+    hist = summary["studies"]["tiny"]["history"]
+    assert hist["counts"]["pruned"] == 1 and hist["best_so_far"][-1]["value"] == study.best_value
+    imp = summary["studies"]["tiny"]["importance"]
+    assert imp["importances"] or imp["note"].startswith("skipped")
+    assert imp["evaluator"] in (None, "PedAnovaImportanceEvaluator")  # works without scikit-learn
+
+    md = (out / "summary.md").read_text()
+    assert f"{100 * t['test_acc_mean']:.2f} ± {100 * t['test_acc_std']:.2f} (2)" in md
+    assert f"{t['diff_points']:+.2f}" in md and "![accuracy.png](accuracy.png)" in md
+
+
+def test_default_out_folder_and_no_storage(env: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    results = tmp_path / "res"
+    shutil.copytree(env.results / "tiny", results / "tiny")
+    assert cli.main(["report", "--results", str(results)]) == 0  # default storage: results/cifar_hpo.db, absent
+    assert (results / "report" / "summary.md").is_file()
+    assert not (results / "cifar_hpo.db").exists()  # the report never creates a database
+    summary = json.loads((results / "report" / "summary.json").read_text())
+    row = summary["rows"][0]
+    assert row["diff_points"] is None and row["best_val_acc_from"] == "checkpoint"
+    assert any("no baseline final model" in n for n in summary["notes"])
+    assert "retrain --study baseline --default-params" in capsys.readouterr().out
+
+
+def test_importances_without_scikit_learn() -> None:
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: t.suggest_float("x", 0, 1) + 0.01 * t.suggest_float("y", 0, 1), n_trials=30)
+    data = report.importance_data(study)
+    assert data["evaluator"] == "PedAnovaImportanceEvaluator"
+    assert max(data["importances"], key=data["importances"].get) == "x"
+    few = optuna.create_study(direction="maximize")
+    few.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    assert report.importance_data(few)["note"].startswith("skipped: 1 complete trial")
+
+
+def test_bad_input(env: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def fails(results: Path, message: str) -> None:
+        capsys.readouterr()
+        out = tmp_path / "out"
+        assert cli.main(["report", "--results", str(results), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert message in err, err
+        assert len(err.strip().splitlines()) == 1
+        assert not out.exists()  # nothing written
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    fails(empty, "no final models in")
+    fails(tmp_path / "missing", "cifar-hpo retrain --study NAME")
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(env.results / "tiny", mixed / "tiny")
+    other = load_final(env.results / "baseline" / "final.pt")
+    checkpoint.save({**other, "study": "zoo", "classes": ["ant", "bee", "cow"]}, mixed / "zoo" / "final.pt")
+    fails(mixed, "final models disagree on classes")
+
+    corrupt = tmp_path / "corrupt"
+    (corrupt / "tiny").mkdir(parents=True)
+    (corrupt / "tiny" / "final.pt").write_bytes(b"garbage")
+    fails(corrupt, "cannot be loaded safely")
