@@ -172,17 +172,23 @@ def _parser_bench(p: argparse.ArgumentParser) -> None:
     _add_device_flag(b)
     b.add_argument("--batch-size", type=int, default=512, help="batch size (default: 512)")
     b.add_argument("--seconds", type=float, default=10.0, help="time per side (default: 10)")
+    b.add_argument("--strength", type=float, default=1.0, help="our augmentation strength, all ops on (default: 1.0)")
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads for ours (default: 1)")
     _add_json_flag(b)
     b = sub.add_parser("train", help="training images/s per model on the current device")
     _add_device_flag(b)
     b.add_argument("--models", default=None, help="comma-separated model names (default: all)")
     b.add_argument("--batch-size", type=int, default=256, help="batch size (default: 256)")
     b.add_argument("--steps", type=int, default=10, help="timed steps per model (default: 10)")
+    b.add_argument(
+        "--precision", default="fp32,bf16", help="comma-separated precisions measured side by side (default: fp32,bf16)"
+    )
     _add_json_flag(b)
     b = sub.add_parser("time-to-accuracy", help="wall time until fast_cnn reaches --target test accuracy")
     _add_data_flags(b, default="cifar10")
     _add_device_flag(b)
     b.add_argument("--target", type=float, default=0.70, help="test accuracy to reach (default: 0.70)")
+    b.add_argument("--epochs", type=int, default=None, help="epochs of the schedule (default: 2 on a CPU, 10 on a GPU)")
     b.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a fast_cnn default")
     _add_json_flag(b)
@@ -193,12 +199,19 @@ def _parser_bench(p: argparse.ArgumentParser) -> None:
     b.add_argument("--epochs", type=int, default=6, help="epochs per trial (default: 6)")
     b.add_argument("--subset", type=int, default=4000, help="training images (default: 4000)")
     b.add_argument("--seed", type=int, default=0, help="sampler seed (default: 0)")
+    b.add_argument("--pruner", default=None, choices=["hyperband", "successive_halving", "median"],
+                   help="pruner to compare with none (default: the fast study file's)")
+    b.add_argument("--reduction-factor", type=int, default=None, help="hyperband/successive halving reduction factor")
     _add_json_flag(b)
     b = sub.add_parser("faults", help="kill workers during a study; count trials finished, lost and left RUNNING")
     _add_storage_flag(b)
     b.add_argument("--trials", type=int, default=12, help="trials (default: 12)")
     b.add_argument("--workers", type=int, default=2, help="worker processes (default: 2)")
     b.add_argument("--kills", type=int, default=3, help="SIGKILLs to inject (default: 3)")
+    b.add_argument("--epochs", type=int, default=4, help="epochs per trial (default: 4)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the kill times, victims and sampler (default: 0)")
+    b.add_argument("--restart-db", action="store_true", help="also restart the local PostgreSQL server once mid-study (root)")
+    b.add_argument("--verbose", action="store_true", help="echo the study's output")
     _add_json_flag(b)
 
 
@@ -253,7 +266,7 @@ def _parser_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", type=Path, required=True, help="a final.pt written by `cifar-hpo retrain`")
     p.add_argument("images", nargs="+", type=Path, help="image files or folders of images")
     p.add_argument("--top", type=int, default=1, help="classes shown per image (default: 1)")
-    _add_json_flag(p)
+    p.add_argument("--json", action="store_true", help="print one JSON list of {path, class, probability, top} instead of text")
 
 
 def _parser_report(p: argparse.ArgumentParser) -> None:

@@ -19,7 +19,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -168,10 +168,17 @@ def work(spec: StudySpec, url: str, results: Path, data: Any, *, seed_offset: in
 
     def guarded(trial: optuna.Trial) -> float:
         ran.append(trial.number)
-        if _count_blocking(study, trial.number) >= spec.trials and storage.retried_trial_number(trial) is None:
-            trial.set_user_attr("fail_reason", "surplus: the study already had enough finished or running trials")
-            raise SurplusTrial("surplus trial, nothing run")
-        return objective(trial, ctx)
+        try:
+            if _count_blocking(study, trial.number) >= spec.trials and storage.retried_trial_number(trial) is None:
+                trial.set_user_attr("fail_reason", "surplus: the study already had enough finished or running trials")
+                raise SurplusTrial("surplus trial, nothing run")
+            return objective(trial, ctx)
+        except Exception as e:
+            if _lost_database(e):  # not the trial's fault: leave it RUNNING to be retried once, as a killed worker's
+                raise DatabaseLost(_first_line(e)) from e
+            if _caused_by(e, optuna.exceptions.UpdateFinishedTrialError):
+                raise TrialTakenOver(f"trial #{trial.number} was failed as stale while it ran; its retry takes over") from e
+            raise
 
     fails_in_row = 0
     started = time.time()
@@ -231,7 +238,8 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def _worker_entry(spec: StudySpec, url: str, results: Path, args_dict: dict[str, Any], index: int, workers: int) -> None:
+def _worker_entry(spec: StudySpec, url: str, results: Path, args_dict: dict[str, Any], index: int, workers: int,
+                  parent: int | None = None) -> None:  # fmt: skip
     """Body of one ``--workers`` process: own device share, own sampler seed.
 
     Exits 0 when the study is done (or ``--timeout``), 2 after a ``UserError`` (printed), 130 when
@@ -246,32 +254,43 @@ def _worker_entry(spec: StudySpec, url: str, results: Path, args_dict: dict[str,
     # Ctrl-C reaches the whole process group; the parent turns it into exactly one SIGTERM per worker.
     # Getting SIGINT here as well would interrupt the worker while it saves and re-queues its trial.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _exit_with_parent()
+    _exit_with_parent(parent)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     args = argparse.Namespace(**args_dict)
+    where = args.device
     if args.device in ("auto", "cuda") and torch.cuda.is_available():
-        args.device = f"cuda:{index % torch.cuda.device_count()}"  # round-robin over the visible GPUs
+        args.device = where = f"cuda:{index % torch.cuda.device_count()}"  # round-robin over the visible GPUs
     elif hasattr(os, "sched_setaffinity"):
         cores = sorted(os.sched_getaffinity(0))
         share = max(1, len(cores) // workers)
         mine = cores[(index * share) % len(cores):][:share] or cores[:share]
         os.sched_setaffinity(0, mine)  # each CPU worker gets its share of the cores
         torch.set_num_threads(cpu_threads())
+        where = f"{args.device}, cpu cores {mine}"
+    print(f"[w{index}] worker pid {os.getpid()} on {where}", flush=True)  # the pid to signal, for people and `bench faults`
+    code = 0
     try:
         with sigterm_as_interrupt():
             data = load_data(spec, args)
-            work(spec, url, results, data, seed_offset=1000 * (index + 1) + len_trials(url, spec), prefix=f"[w{index}] ",
-                 timeout=args.timeout)  # fmt: skip
+            offset = 1000 * (index + 1) + len_trials(url, spec)
+            prefix = f"[w{index}] "
+            _reconnecting(url, lambda line: print(f"{prefix}{line}", flush=True),
+                          lambda: work(spec, url, results, data, seed_offset=offset, prefix=prefix, timeout=args.timeout))  # fmt: skip
     except UserError as e:
-        print(f"cifar-hpo: error: [w{index}] {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        print(f"cifar-hpo: error: [w{index}] {e}", file=sys.stderr)
+        code = 2
     except KeyboardInterrupt:
-        print(f"[w{index}] interrupted; its running trial is re-queued", flush=True)
-        sys.exit(130)
+        print(f"[w{index}] interrupted; its running trial is re-queued")
+        code = 130
+    # Everything is committed by now; skip the interpreter teardown, which takes seconds with torch
+    # loaded (measured 4 s of a 4.3 s SIGTERM exit here), time a preempted machine may not have.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
-def _exit_with_parent() -> None:
-    """Linux: SIGTERM this worker when the ``run`` process dies, so no orphan keeps training unseen."""
+def _exit_with_parent(parent: int | None) -> None:
+    """Linux: SIGTERM this worker when the ``run`` process (pid ``parent``) dies, so no orphan trains unseen."""
     try:
         import ctypes
 
@@ -279,8 +298,115 @@ def _exit_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # pragma: no cover - not Linux
         pass
-    if os.getppid() == 1:  # the parent died before prctl: leave at once
-        raise SystemExit(130)
+    if parent is not None and os.getppid() != parent:  # it died before prctl took effect: leave at once
+        os._exit(130)
+
+
+class DatabaseLost(BaseException):
+    """The database went away during a trial.
+
+    A BaseException, so that Optuna does not record the trial FAIL (it would, with no retry, if the
+    database came back in time): the trial stays RUNNING, its heartbeat stops, and it is failed and
+    re-queued exactly once by whichever worker sees it stale, like the trial of a killed worker.
+    """
+
+
+class TrialTakenOver(BaseException):
+    """Another worker failed this worker's trial as stale (its heartbeats were late) and re-queued it.
+
+    A BaseException, so that Optuna does not try to record the finished trial again; the worker
+    drops the trial and goes on with the next one.
+    """
+
+
+MAX_RECONNECTS = 20  # database outages survived by one run (each up to RECONNECT_S)
+RECONNECT_S = float(os.environ.get("CIFAR_HPO_RECONNECT_S", "600"))  # seconds to wait for a lost database to return
+
+
+def _caused_by(e: BaseException, kinds: type[BaseException] | tuple[type[BaseException], ...]) -> bool:
+    """Whether ``e`` or an exception it was raised from or while handling is one of ``kinds``."""
+    seen: BaseException | None = e
+    for _ in range(12):  # Optuna wraps the driver's error, and may raise another one while handling it
+        if seen is None:
+            return False
+        if isinstance(seen, kinds):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _lost_database(e: BaseException) -> bool:
+    """Whether ``e`` (or what caused it) is a lost or refused database connection."""
+    import sqlalchemy.exc
+
+    return _caused_by(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.DisconnectionError))
+
+
+def _reconnecting(url: str, log: Callable[[str], None], loop: Callable[[], None]) -> None:
+    """Run a worker ``loop``; when the database goes away (server restart, network), wait for it and run it again.
+
+    The trial that was running is abandoned: its heartbeat stops, so it is failed and retried from its
+    last snapshot once stale, like the trial of a killed worker. Finished trials are in the database
+    already and are never touched. A trial taken over by another worker (``TrialTakenOver``) is
+    dropped and the loop goes on.
+
+    Raises:
+        UserError: the database stayed away for ``RECONNECT_S`` seconds, or was lost ``MAX_RECONNECTS`` times.
+    """
+    import threading
+
+    previous_hook = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        # A thread that dies with the connection: one line instead of a page of traceback.
+        if args.exc_value is not None and _lost_database(args.exc_value):
+            log(f"heartbeat stopped: {_first_line(args.exc_value)}")
+        else:
+            previous_hook(args)
+
+    threading.excepthook = hook
+    shown = storage.mask_url(url)
+    lost = 0
+    try:
+        while True:
+            try:
+                loop()
+                return
+            except TrialTakenOver as e:
+                log(str(e))
+                continue
+            except (Exception, DatabaseLost) as e:
+                if not _lost_database(e):
+                    raise
+                lost += 1
+                if lost > MAX_RECONNECTS:
+                    raise UserError(f"lost the database {shown} {lost} times in this run; check the server and run again") from None
+                log(f"lost the database {shown} ({_first_line(e)}); waiting up to {RECONNECT_S:g}s for it to come back; "
+                    "the running trial is retried from its last snapshot")  # fmt: skip
+            deadline = time.time() + RECONNECT_S
+            while True:
+                try:
+                    storage.open_storage(url, heartbeat=False).engine.dispose()
+                    break
+                except UserError as e:
+                    if time.time() > deadline:
+                        raise UserError(f"the database stayed unreachable for {RECONNECT_S:g}s ({e}); run the same command again "
+                                        "when it is back: finished trials are kept") from None  # fmt: skip
+                    time.sleep(2.0)
+            log(f"reconnected to {shown}")
+    finally:
+        threading.excepthook = previous_hook
+
+
+def _first_line(e: BaseException) -> str:
+    root = e
+    for _ in range(12):  # down to the driver's own words
+        inner = root.__cause__ or root.__context__
+        if inner is None:
+            break
+        root = inner
+    text = str(getattr(root, "orig", None) or root).strip()
+    return (text.splitlines()[0] if text else type(root).__name__)[:200]
 
 
 MAX_WORKER_RESTARTS = 3  # per worker: a worker killed (OOM killer, kill -9) more often stays down
@@ -308,7 +434,8 @@ def _run_workers(spec: StudySpec, url: str, results: Path, args: argparse.Namesp
     args_dict = {k: v for k, v in vars(args).items() if k != "handler"}
 
     def start(i: int) -> Any:
-        proc = mp.Process(target=_worker_entry, args=(spec, url, results, args_dict, i, args.workers), name=f"cifar-hpo-w{i}")
+        proc = mp.Process(target=_worker_entry, args=(spec, url, results, args_dict, i, args.workers, os.getpid()),
+                          name=f"cifar-hpo-w{i}")  # fmt: skip
         proc.start()
         return proc
 
@@ -399,7 +526,8 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if args.workers == 1:
         with sigterm_as_interrupt():
-            work(spec, url, results, data, seed_offset=len(study.get_trials(deepcopy=False)), timeout=args.timeout)
+            offset = len(study.get_trials(deepcopy=False))
+            _reconnecting(url, print, lambda: work(spec, url, results, data, seed_offset=offset, timeout=args.timeout))
     else:
         del data  # each worker process loads its own copy onto its own device
         code = _run_workers(spec, url, results, args)

@@ -45,6 +45,11 @@ def main(args: argparse.Namespace) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     base = load_spec("fast").with_overrides(epochs=args.epochs, trials=args.trials, data=args.data, subset=args.subset)
     base = base.replace(seed=args.seed)
+    if args.pruner or args.reduction_factor:
+        chosen = dataclasses.replace(
+            base.pruner, kind=args.pruner or base.pruner.kind, reduction_factor=args.reduction_factor or base.pruner.reduction_factor
+        )
+        base = base.replace(pruner=chosen)
     data = load_data(base, args)
     pruned_spec = base.replace(name="pruned")
     none_spec = base.replace(name="unpruned", pruner=dataclasses.replace(PrunerSpec(), kind="none"))

@@ -1,0 +1,224 @@
+"""Model registry: shapes, gradients, pretrained loading from the hub cache, fine-tune freezing."""
+
+from __future__ import annotations
+
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cifar_hpo import models
+from cifar_hpo.errors import UserError
+from cifar_hpo.params import TrialParams
+
+CASES = [(name, {}) for name in models.MODELS] + [
+    ("resnet18", {"upsample": 64}),
+    ("resnet18", {"cifar_stem": True}),
+    ("densenet121", {"cifar_stem": True}),
+    ("fast_cnn", {"width": 0.25, "act": "relu"}),
+    ("mlp", {"hidden": 32, "depth": 3}),
+]
+
+
+@pytest.mark.parametrize(("name", "arch"), CASES, ids=[f"{n}-{a}" if a else n for n, a in CASES])
+def test_forward_backward(name: str, arch: dict) -> None:
+    torch.manual_seed(0)
+    model = models.build(TrialParams(model=name, arch=arch, dropout=0.1), num_classes=7)
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x)
+    assert out.shape == (2, 7)
+    assert torch.isfinite(out).all()
+    F.cross_entropy(out, torch.tensor([0, 6])).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    model.eval()
+    with torch.no_grad():
+        assert model(x).shape == (2, 7)
+
+
+def test_baseline_cnn_is_the_original() -> None:
+    model = models.build(TrialParams(model="baseline_cnn"), 10)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [(3, 6, (5, 5)), (6, 16, (5, 5))]
+    assert [(lin.in_features, lin.out_features) for lin in linears] == [(400, 120), (120, 84), (84, 10)]
+    assert not any(isinstance(m, nn.Softmax | nn.LogSoftmax) for m in model.modules())
+    assert models.count_params(model) == 62006
+
+
+def test_unknown_model_lists_valid_names() -> None:
+    with pytest.raises(UserError, match="valid models: baseline_cnn, mlp, resnet18, densenet121, fast_cnn"):
+        models.build(TrialParams(model="vgg99"), 10)
+    with pytest.raises(UserError, match="unknown model"):
+        models.default_params("vgg99")
+
+
+@pytest.mark.parametrize("name", list(models.MODELS))
+def test_default_params_build(name: str) -> None:
+    params = models.default_params(name)
+    assert params.model == name
+    assert models.build(params, 10)(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_fast_cnn_width_and_whitening() -> None:
+    small = models.build(TrialParams(model="fast_cnn", arch={"width": 0.25}), 10)
+    full = models.build(TrialParams(model="fast_cnn"), 10)
+    assert 1_500_000 < models.count_params(full) < 2_500_000  # the ~2M-parameter airbench size
+    assert models.count_params(small) < models.count_params(full) / 8
+    assert isinstance(small, models.FastCNN)
+    # After data init, the first layer maps 2x2 patches to decorrelated unit-variance features.
+    torch.manual_seed(0)
+    x = torch.randn(256, 3, 32, 32) * torch.tensor([1.0, 2.0, 0.5]).view(1, 3, 1, 1)
+    x = x + 0.8 * x.roll(1, dims=1) + 0.3  # correlated channels, off-centre
+    small.init_from_data(x)
+    assert not small.whiten.weight.requires_grad
+    feats = F.conv2d(x, small.whiten.weight[:12], small.whiten.bias[:12]).permute(0, 2, 3, 1).reshape(-1, 12).double()
+    assert torch.allclose(feats.mean(0), torch.zeros(12, dtype=torch.float64), atol=0.02)
+    assert torch.allclose(torch.cov(feats.T), torch.eye(12, dtype=torch.float64), atol=0.05)
+
+
+def test_fast_cnn_tta_is_flip_invariant_in_eval() -> None:
+    model = models.build(TrialParams(model="fast_cnn", arch={"width": 0.25}), 10).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x), model(x.flip(-1)), atol=1e-5)
+
+
+# ---------------------------------------------------------------- pretrained weights
+
+TORCHVISION = {"resnet18": ("resnet18", "ResNet18_Weights"), "densenet121": ("densenet121", "DenseNet121_Weights")}
+
+
+def _forbid_downloads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make every hub download raise, as on a machine without internet; return the URLs tried."""
+    tried: list[str] = []
+
+    def no_network(url: str, *args: object, **kwargs: object) -> None:
+        tried.append(url)
+        raise urllib.error.URLError("no network in tests")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    return tried
+
+
+def _plant(name: str, torch_home: Path) -> dict[str, torch.Tensor]:
+    """Save a randomly initialised torchvision model where torch hub looks for its ImageNet weights."""
+    import torchvision.models as tvm
+
+    builder, enum = TORCHVISION[name]
+    weights = getattr(tvm, enum).IMAGENET1K_V1
+    torch.manual_seed(123)
+    state = getattr(tvm, builder)(weights=None).state_dict()
+    path = torch_home / "hub" / "checkpoints" / Path(weights.url).name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    assert models.weights_path(weights) == path
+    return state
+
+
+@pytest.fixture
+def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "torch_home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    return home
+
+
+@pytest.mark.parametrize("name", ["resnet18", "densenet121"])
+def test_pretrained_loads_planted_file_without_network(name: str, torch_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state = _plant(name, torch_home)
+    tried = _forbid_downloads(monkeypatch)
+    model = models.build(TrialParams(model=name, pretrained=True, finetune_depth=1), 10)
+    assert tried == []
+    loaded = model.state_dict()
+    key = "layer1.0.conv1.weight" if name == "resnet18" else "features.denseblock1.denselayer1.conv1.weight"
+    assert torch.equal(loaded[f"net.{key}"], state[key])
+    bn = "bn1.running_var" if name == "resnet18" else "features.norm5.running_var"
+    assert torch.equal(loaded[f"net.{bn}"], state[bn])
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_missing_weights_is_one_user_error_naming_the_path(torch_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tried = _forbid_downloads(monkeypatch)
+    with pytest.raises(UserError) as info:
+        models.build(TrialParams(model="resnet18", pretrained=True), 10)
+    message = str(info.value)
+    expected = torch_home / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    assert str(expected) in message
+    assert "resnet18-f37072fd.pth" in message and "pretrained=false" in message
+    assert "\n" not in message
+    assert len(tried) == 1  # one download attempt, then the error
+
+
+# Parameter-name prefixes (under `net.`) that train at each fine-tune depth.
+RESNET_TRAINS = ["fc", "layer4", "layer3", "layer2", "layer1", "conv1|bn1"]
+DENSENET_TRAINS = [
+    "classifier",
+    "features.denseblock4|features.norm5",
+    "features.denseblock3|features.transition3",
+    "features.denseblock2|features.transition2",
+    "features.denseblock1|features.transition1",
+    "features.conv0|features.norm0",
+]
+
+
+def _expected_trainable(names: list[str], table: list[str], depth: int) -> set[str]:
+    prefixes = [p for entry in table[: depth + 1] for p in entry.split("|")]
+    return {n for n in names if any(n.removeprefix("net.").startswith(p + ".") for p in prefixes)}
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2, 3, 4, 5, 9])
+def test_resnet_finetune_depth_sets_requires_grad(depth: int, torch_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _plant("resnet18", torch_home)
+    _forbid_downloads(monkeypatch)
+    model = models.build(TrialParams(model="resnet18", pretrained=True, finetune_depth=depth), 10)
+    names = [n for n, _ in model.named_parameters()]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == _expected_trainable(names, RESNET_TRAINS, depth)
+    if depth >= 5:
+        assert trainable == set(names)
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3, 5])
+def test_densenet_finetune_depth_sets_requires_grad(depth: int, torch_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _plant("densenet121", torch_home)
+    _forbid_downloads(monkeypatch)
+    model = models.build(TrialParams(model="densenet121", pretrained=True, finetune_depth=depth), 10)
+    names = [n for n, _ in model.named_parameters()]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == _expected_trainable(names, DENSENET_TRAINS, depth)
+
+
+def test_cifar_stem_trains_with_a_frozen_backbone(torch_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _plant("resnet18", torch_home)
+    _forbid_downloads(monkeypatch)
+    model = models.build(TrialParams(model="resnet18", pretrained=True, arch={"cifar_stem": True}), 10)
+    trainable = {n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"conv1", "bn1", "fc"}
+
+
+def test_finetune_depth_ignored_without_pretrained() -> None:
+    model = models.build(TrialParams(model="resnet18", pretrained=False, finetune_depth=0), 10)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_frozen_batchnorm_statistics_do_not_move(torch_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _plant("resnet18", torch_home)
+    _forbid_downloads(monkeypatch)
+    model = models.build(TrialParams(model="resnet18", pretrained=True, finetune_depth=1), 10)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+    model.train()  # must not wake the frozen BatchNorm layers
+    assert not model.net.bn1.training and not model.net.layer3[1].bn2.training
+    assert model.net.layer4[0].bn1.training
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):
+        loss = F.cross_entropy(model(torch.randn(4, 3, 32, 32) * 3 + 1), torch.tensor([0, 1, 2, 3]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = model.state_dict()
+    for k, v in before.items():
+        moved = not torch.equal(v, after[k])
+        assert moved == k.startswith("net.layer4."), k
