@@ -322,10 +322,11 @@ def train(
         step, start_epoch = int(resume["step"]), int(resume["epoch"])
         seconds_before = float(resume.get("seconds", 0.0))
         history.epochs = [EpochResult(**e) for e in resume["history"]]
-        torch.set_rng_state(resume["rng"]["torch"])
-        generator.set_state(resume["rng"]["generator"])
+        # RNG states are CPU byte tensors, whatever map_location the snapshot was loaded with.
+        torch.set_rng_state(resume["rng"]["torch"].cpu())
+        generator.set_state(resume["rng"]["generator"].cpu())
         if device.type == "cuda" and "cuda" in resume["rng"]:
-            torch.cuda.set_rng_state(resume["rng"]["cuda"], device)
+            torch.cuda.set_rng_state(resume["rng"]["cuda"].cpu(), device)
     else:
         init = getattr(model, "init_from_data", None)
         if callable(init):

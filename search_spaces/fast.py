@@ -8,10 +8,16 @@ from cifar_hpo.params import TrialParams
 
 
 def defaults() -> TrialParams:
-    """fast_cnn's tuned default recipe (models.default_params)."""
+    """fast_cnn's tuned default recipe for this machine (models.default_params).
+
+    The recipe differs by device kind (half-width network on a CPU, the full one on
+    CUDA), so a study's workers and its retrain should run on the same kind.
+    """
+    import torch
+
     from cifar_hpo.models import default_params
 
-    return default_params("fast_cnn")
+    return default_params("fast_cnn", "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def suggest(trial: optuna.trial.BaseTrial) -> TrialParams:
