@@ -12,33 +12,40 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from cifar_hpo.errors import UserError
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` atomically with permission ``mode``."""
+def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], object], mode: int = 0o600) -> None:
+    """Call ``write(f)`` on a temp file beside ``path``, fsync it, then ``os.replace`` it over ``path``.
+
+    A crash or an exception at any point leaves either the old file or the new
+    one, never a partial one, and no temp file behind.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` atomically with permission ``mode``."""
+    atomic_write(path, lambda f: f.write(data), mode)
 
 
 def _fsync_dir(folder: Path) -> None:

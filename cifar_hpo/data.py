@@ -46,7 +46,6 @@ import pickle
 import re
 import sys
 import tarfile
-import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterable, Mapping
@@ -419,40 +418,16 @@ def _read_cache(cache: Path, key: str) -> Arrays | None:
 
 def _write_cache(cache: Path, key: str, arrays: Arrays) -> None:
     """Write the arrays atomically: temp file in the same folder, fsync, os.replace."""
+    from cifar_hpo.checkpoint import atomic_write
+
     train_x, train_y, test_x, test_y, classes = arrays
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{cache.name}.", suffix=".tmp", dir=cache.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(
-                f,
-                train_x=train_x,
-                train_y=train_y,
-                test_x=test_x,
-                test_y=test_y,
-                classes=np.array(classes, dtype=str),
-                key=np.array(key),
-            )
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, cache)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(cache.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
+    atomic_write(
+        cache,
+        lambda f: np.savez(
+            f, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y,
+            classes=np.array(classes, dtype=str), key=np.array(key),
+        ),  # fmt: skip
+    )
 
 
 # ---------------------------------------------------------------- ImageFolder folders and archives
