@@ -208,7 +208,7 @@ def _parser_bench(p: argparse.ArgumentParser) -> None:
     b.add_argument("--trials", type=int, default=12, help="trials (default: 12)")
     b.add_argument("--workers", type=int, default=2, help="worker processes (default: 2)")
     b.add_argument("--kills", type=int, default=3, help="SIGKILLs to inject (default: 3)")
-    b.add_argument("--epochs", type=int, default=4, help="epochs per trial (default: 4)")
+    b.add_argument("--epochs", type=int, default=6, help="epochs per trial (default: 6)")
     b.add_argument("--seed", type=int, default=0, help="seed of the kill times, victims and sampler (default: 0)")
     b.add_argument("--restart-db", action="store_true", help="also restart the local PostgreSQL server once mid-study (root)")
     b.add_argument("--verbose", action="store_true", help="echo the study's output")

@@ -114,6 +114,7 @@ def objective(trial: optuna.Trial, ctx: Context) -> float:
     started = time.time()
     n_done = finished_count(trial.study)
     model: torch.nn.Module | None = None
+    net: torch.nn.Module | None = None
     try:
         params = suggest_params(ctx.spec, trial)
         trial.set_user_attr("trial_params", params.to_dict())
@@ -140,7 +141,7 @@ def objective(trial: optuna.Trial, ctx: Context) -> float:
                 return  # train() ends this run with status "nonfinite" itself
             if result.epoch not in reported:
                 trial.report(result.val_acc, result.epoch)
-            if result.val_acc > best["acc"]:
+            if result.val_acc > best["acc"] and net is not None:
                 best.update(acc=result.val_acc, epoch=result.epoch,
                             state={k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()})  # fmt: skip
             if result.epoch < ctx.spec.epochs and time.time() - last_snapshot[0] >= ctx.snapshot_every_s:
@@ -215,7 +216,8 @@ def _keep_checkpoint(trial: optuna.Trial, ctx: Context, params: TrialParams, bes
     """Upload this trial's best checkpoint if it is among the best few; delete ones it pushes out."""
     states = (optuna.trial.TrialState.COMPLETE,)
     others = [t for t in trial.study.get_trials(deepcopy=False, states=states) if t.value is not None]
-    ranked = sorted([*(t.value for t in others), value], reverse=True)
+    values = {t.number: float(t.value) for t in others if t.value is not None}
+    ranked = sorted([*values.values(), value], reverse=True)
     if best["state"] is None or value < ranked[min(KEEP_BEST, len(ranked)) - 1]:
         return  # not among the best: never written
     with tempfile.TemporaryDirectory() as tmp:
@@ -223,7 +225,7 @@ def _keep_checkpoint(trial: optuna.Trial, ctx: Context, params: TrialParams, bes
         _save_best(path, params, best, ctx)
         artifact_id = optuna.artifacts.upload_artifact(artifact_store=ctx.store, file_path=str(path), study_or_trial=trial)
     trial.set_user_attr("checkpoint_artifact_id", artifact_id)
-    keep = {t.number for t in sorted(others, key=lambda t: t.value, reverse=True)[: KEEP_BEST - 1]}
+    keep = {t.number for t in sorted(others, key=lambda t: values[t.number], reverse=True)[: KEEP_BEST - 1]}
     for t in others:
         old = t.user_attrs.get("checkpoint_artifact_id")
         if old and t.number not in keep:

@@ -29,7 +29,7 @@ def learning_curve(epochs: Sequence[dict[str, Any]], path: Path, *, title: str) 
         ax2.plot(xs, [e["val_loss"] for e in epochs], "^:", color="tab:red", label="validation loss")
         ax2.set_ylabel("loss (cross-entropy)")
         lines = ax.get_lines() + ax2.get_lines()
-        ax.legend(lines, [ln.get_label() for ln in lines], loc="center right", fontsize=8)
+        ax.legend(lines, [str(ln.get_label()) for ln in lines], loc="center right", fontsize=8)
     else:
         ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()

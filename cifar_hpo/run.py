@@ -102,7 +102,7 @@ def open_study(spec: StudySpec, url: str, split_hash: str) -> optuna.Study:
                 "another --storage, or a study file with another name"
             )
     study = optuna.create_study(
-        study_name=spec.name, storage=st, direction=spec.direction, load_if_exists=True,
+        study_name=spec.name, storage=st, direction="maximize", load_if_exists=True,  # spec checks direction
         sampler=make_sampler(spec, 0), pruner=make_pruner(spec),
     )  # fmt: skip
     if existing is None:
@@ -399,14 +399,17 @@ def _reconnecting(url: str, log: Callable[[str], None], loop: Callable[[], None]
 
 
 def _first_line(e: BaseException) -> str:
-    root = e
-    for _ in range(12):  # down to the driver's own words
-        inner = root.__cause__ or root.__context__
-        if inner is None:
-            break
-        root = inner
-    text = str(getattr(root, "orig", None) or root).strip()
-    return (text.splitlines()[0] if text else type(root).__name__)[:200]
+    """The first line of the innermost error that says something (the driver's own words)."""
+    chain: list[BaseException] = []
+    seen: BaseException | None = e
+    while seen is not None and len(chain) < 12:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for err in reversed(chain):
+        text = str(getattr(err, "orig", None) or err).strip()
+        if text and text != "()":
+            return text.splitlines()[0][:200]
+    return type(e).__name__
 
 
 MAX_WORKER_RESTARTS = 3  # per worker: a worker killed (OOM killer, kill -9) more often stays down

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import warnings
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,10 @@ DB_NAME = "cifar_hpo.db"
 HEARTBEAT_INTERVAL = int(os.environ.get("CIFAR_HPO_HEARTBEAT", "20"))
 GRACE_PERIOD = int(os.environ.get("CIFAR_HPO_GRACE", str(3 * HEARTBEAT_INTERVAL)))
 MAX_RETRY = 2  # a trial killed more often than this stays FAIL
+# Seconds after which a RUNNING trial that never got a single heartbeat is failed as stale: its worker
+# died between taking it and its first heartbeat. Long, because trial start times come from the
+# workers' clocks, which may disagree between machines (heartbeats use the database server's).
+ORPHAN_S = float(os.environ.get("CIFAR_HPO_ORPHAN_S", str(max(600, 10 * GRACE_PERIOD))))
 SQLITE_BUSY_TIMEOUT_S = 120
 
 
@@ -79,7 +84,8 @@ def retried_trial_number(trial: optuna.Trial) -> int | None:
 def requeue_interrupted(study: optuna.Study, trial_number: int) -> None:
     """Re-queue an interrupted trial (same params, its intermediate values), as Optuna does for a stale one.
 
-    Interrupts (Ctrl-C, SIGTERM) are not the trial's fault, so they do not count against ``MAX_RETRY``.
+    The interrupted trial itself is always re-queued; but it joins the retry history, so a
+    lineage interrupted twice and then killed once has used up ``MAX_RETRY`` and is not retried again.
     """
     frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial_number)
     cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
@@ -154,7 +160,8 @@ class _HeartbeatFromStart(optuna.storages.RDBStorage):
     sampler has run, and never counts a RUNNING trial without one as stale. A worker killed in
     between (measured: 2 of 25 random kills) left a trial RUNNING for ever, and the study waited on
     it for ever. Here the first heartbeat follows the trial's creation (or its hand-out, for a
-    re-queued one) at once, so the trial is failed and retried like any other. And a database
+    re-queued one) at once, so the trial is failed and retried like any other; a trial that still
+    got none (the database was down at that moment) is failed after ``ORPHAN_S``. And a database
     restart no longer kills the heartbeat thread of a trial that goes on training.
     """
 
@@ -164,6 +171,23 @@ class _HeartbeatFromStart(optuna.storages.RDBStorage):
         if self.heartbeat_interval is not None and frozen.state == TrialState.RUNNING:
             self.record_heartbeat(frozen._trial_id)
         return frozen
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        stale = super()._get_stale_trial_ids(study_id)
+        # Optuna skips RUNNING trials without any heartbeat; they would block the study for ever.
+        cutoff = datetime.now(UTC).replace(tzinfo=None) - timedelta(seconds=ORPHAN_S)  # Optuna stores naive UTC
+        with _create_scoped_session(self.scoped_session, True) as session:
+            rows = (
+                session.query(models.TrialModel.trial_id, models.TrialModel._datetime_start_utc)  # type: ignore[call-overload]
+                .outerjoin(models.TrialHeartbeatModel, models.TrialHeartbeatModel.trial_id == models.TrialModel.trial_id)
+                .filter(models.TrialModel.study_id == study_id, models.TrialModel.state == TrialState.RUNNING)
+                .filter(models.TrialHeartbeatModel.trial_id.is_(None))
+                .all()
+            )
+        return stale + [tid for tid, start in rows if start is not None and start < cutoff and tid not in stale]
 
     def record_heartbeat(self, trial_id: int) -> None:
         try:

@@ -83,7 +83,8 @@ def _check_no_loss(trials: list[optuna.trial.FrozenTrial], target: int) -> list[
 
 @pytest.mark.slow
 def test_repeated_sigkill_of_workers_loses_nothing_sqlite(tmp_path: Path) -> None:
-    result = faults.measure(tmp_path, trials=5, workers=2, kills=3, epochs=4, seed=1)
+    # Trials long enough (15 epochs) that every kill lands before the study is done.
+    result = faults.measure(tmp_path, trials=5, workers=2, kills=3, epochs=15, seed=1)
     assert result["kills_injected"] == 3
     assert result["trials_lost"] == 0 and result["zombies_left"] == 0 and result["duplicate_runs"] == 0
     assert result["locked_errors"] == 0
@@ -99,7 +100,7 @@ def test_repeated_sigkill_of_workers_loses_nothing_sqlite(tmp_path: Path) -> Non
 def test_repeated_sigkill_and_a_server_restart_lose_nothing_postgres(tmp_path: Path) -> None:
     # The server is restarted once mid-study: workers reconnect (or their trials are retried).
     try:
-        result = faults.measure(tmp_path, url=PG, trials=5, workers=2, kills=2, epochs=4, seed=2, restart_db=True)
+        result = faults.measure(tmp_path, url=PG, trials=5, workers=2, kills=2, epochs=15, seed=2, restart_db=True)
         assert result["db_restart"] == "restarted"
         assert result["trials_lost"] == 0 and result["zombies_left"] == 0 and result["duplicate_runs"] == 0
         trials = optuna.load_study(study_name=result["study"], storage=PG).get_trials()
@@ -164,6 +165,26 @@ def test_a_worker_killed_before_its_first_heartbeat_leaves_no_zombie(tmp_path: P
     trials = study.get_trials()
     assert [t.state for t in trials[:2]] == [TrialState.FAIL, TrialState.FAIL]
     assert sorted(t.system_attrs["failed_trial"] for t in trials[2:]) == [0, 1]  # both re-queued
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_a_running_trial_that_never_had_a_heartbeat_is_failed_after_orphan_s(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Still possible when the database was down the moment the first heartbeat was due.
+    url = f"sqlite:///{tmp_path}/db.sqlite3"
+    plain = optuna.create_study(storage=url, study_name="s")  # Optuna's own storage: no first heartbeat
+    plain.ask()
+    monkeypatch.setattr(storage, "HEARTBEAT_INTERVAL", 1)
+    monkeypatch.setattr(storage, "GRACE_PERIOD", 1)
+    study = optuna.load_study(study_name="s", storage=storage.open_storage(url))
+    monkeypatch.setattr(storage, "ORPHAN_S", 60.0)
+    optuna.storages.fail_stale_trials(study)
+    assert study.get_trials()[0].state == TrialState.RUNNING  # young: its worker may be about to beat
+    monkeypatch.setattr(storage, "ORPHAN_S", 0.5)
+    time.sleep(1.0)
+    optuna.storages.fail_stale_trials(study)
+    trials = study.get_trials()
+    assert trials[0].state == TrialState.FAIL and trials[1].state == TrialState.WAITING
+    assert trials[1].system_attrs["failed_trial"] == 0
 
 
 # ------------------------------------------------------------------ SIGTERM: preemption

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import make_image_folder
 from optuna.trial import TrialState
 
 from cifar_hpo import cli, objective
 from cifar_hpo.params import TrialParams
-
-from conftest import make_image_folder
 
 STUDY = """
 model = "baseline_cnn"
