@@ -82,6 +82,10 @@ def _params_text(params: dict[str, Any]) -> str:
 def main(args: argparse.Namespace) -> int:
     """``cifar-hpo status``."""
     url = storage.storage_url(args.storage, args.results)
+    missing = storage.missing_sqlite(url)
+    if missing is not None:
+        print(f"no study database at {missing} yet; start one with: cifar-hpo run --study NAME")
+        return 0
     st = storage.open_storage(url, heartbeat=False)
     print(f"storage: {storage.mask_url(url)}")
     if args.study is None:

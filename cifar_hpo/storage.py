@@ -246,6 +246,18 @@ def open_storage(url: str, *, heartbeat: bool = True) -> optuna.storages.RDBStor
         raise UserError(f"storage {shown}: {e}") from None
 
 
+def missing_sqlite(url: str) -> Path | None:
+    """The SQLite file ``url`` names when it does not exist yet (readers must not create it), else None."""
+    try:
+        parsed = make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        return None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    path = Path(parsed.database)
+    return None if path.exists() else path
+
+
 def artifact_dir(url: str, results: Path) -> Path:
     """The artifact store's folder: beside an SQLite file, else ``results/artifacts``."""
     parsed = make_url(url)
