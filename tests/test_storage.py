@@ -81,3 +81,9 @@ def test_status_with_masked_password_on_unreachable_server(capsys: pytest.Captur
     code = cli.main(["status", "--storage", "postgresql://carol:hunter2@127.0.0.1:1/x"])
     err = capsys.readouterr().err
     assert code == 2 and "hunter2" not in err and "carol:***@" in err and err.count("\n") == 1
+
+
+def test_status_never_creates_a_database(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["status", "--results", str(tmp_path / "r")]) == 0
+    assert "no study database" in capsys.readouterr().out
+    assert not (tmp_path / "r").exists()
