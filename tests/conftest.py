@@ -65,3 +65,14 @@ def shared_archive() -> Path:
     if not SHARED_ARCHIVE.is_file():
         pytest.skip(f"real data not present at {SHARED_ARCHIVE}")
     return SHARED_ARCHIVE
+
+
+def study_toml(*, name: str | None = None, epochs: int = 2, trials: int = 2, pruner: str = "none") -> str:
+    """A tiny baseline_cnn study file: random sampler, the given pruner (rungs from epoch 1)."""
+    head = f'name = "{name}"\n' if name else ""
+    return head + (
+        'model = "baseline_cnn"\nsearch_space = "baseline"\n'
+        f"epochs = {epochs}\ntrials = {trials}\nseed = 0\n"
+        '[sampler]\nkind = "random"\n'
+        f'[pruner]\nkind = "{pruner}"\nmin_resource = 1\nreduction_factor = 2\nn_startup_trials = 2\nn_warmup_steps = 1\n'
+    )

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import make_image_folder
+from conftest import make_image_folder, study_toml
 
 from cifar_hpo import checkpoint, cli, export, final, models
 from cifar_hpo.params import TrialParams
@@ -19,20 +19,12 @@ from cifar_hpo.params import TrialParams
 # torch.jit is deprecated in favour of torch.export; this project writes and checks both.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 
-STUDY = """
-model = "baseline_cnn"
-search_space = "baseline"
-epochs = 1
-trials = 1
-"""
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """A final.pt of the baseline defaults (2 seeds, 1 epoch) on a 3-class synthetic folder."""
     root = tmp_path_factory.mktemp("export")
     folder = make_image_folder(root / "imgs", n_train=20, n_test=6)
-    (root / "demo.toml").write_text(STUDY)
+    (root / "demo.toml").write_text(study_toml(epochs=1, trials=1))
     results = root / "res"
     code = cli.main(["retrain", "--study", str(root / "demo.toml"), "--default-params", "--data", str(folder), "--seeds", "2",
                      "--storage", f"sqlite:///{root}/absent.db", "--results", str(results), "--cache-dir", str(root / "cache"),

@@ -21,7 +21,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from conftest import make_image_folder
+from conftest import make_image_folder, study_toml
 from optuna.trial import TrialState
 
 from cifar_hpo import checkpoint, cli, storage
@@ -31,20 +31,6 @@ from cifar_hpo.errors import UserError
 PG = "postgresql://postgres@127.0.0.1:5432/test"
 FAULT_ENV = {"CIFAR_HPO_HEARTBEAT": "1", "CIFAR_HPO_GRACE": "3", "CIFAR_HPO_SNAPSHOT_S": "0"}
 
-STUDY = """
-name = "{name}"
-model = "baseline_cnn"
-search_space = "baseline"
-epochs = {epochs}
-trials = 4
-seed = 0
-[sampler]
-kind = "random"
-[pruner]
-kind = "none"
-"""
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("data") / "imgs", classes=("a", "b", "c", "d"), n_train=20, n_test=4)
@@ -53,7 +39,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _study_file(tmp_path: Path, epochs: int) -> Path:
     name = f"f{uuid.uuid4().hex[:10]}"
     f = tmp_path / f"{name}.toml"
-    f.write_text(STUDY.format(name=name, epochs=epochs))
+    f.write_text(study_toml(name=name, epochs=epochs, trials=4))
     return f
 
 

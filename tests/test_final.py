@@ -10,23 +10,11 @@ import numpy as np
 import optuna
 import pytest
 import torch
-from conftest import make_image_folder
+from conftest import make_image_folder, study_toml
 from optuna.trial import TrialState
 
 from cifar_hpo import checkpoint, cli, final
 from cifar_hpo.params import TrialParams
-
-STUDY = """
-model = "baseline_cnn"
-search_space = "baseline"
-epochs = 2
-trials = 2
-seed = 0
-[sampler]
-kind = "random"
-[pruner]
-kind = "none"
-"""
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +23,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("final")
     folder = make_image_folder(root / "imgs", n_train=20, n_test=6)
     study_file = root / "tiny.toml"
-    study_file.write_text(STUDY)
+    study_file.write_text(study_toml(epochs=2, trials=2))
     db = f"sqlite:///{root}/db.sqlite3"
     cache = root / "cache"
     code = cli.main(["run", "--study", str(study_file), "--data", str(folder), "--storage", db, "--results", str(root / "runs"),
@@ -179,7 +167,7 @@ def test_default_params_make_the_baseline_without_a_study(env: SimpleNamespace, 
     from search_spaces import baseline
 
     base_file = tmp_path / "baseline.toml"
-    base_file.write_text(STUDY)
+    base_file.write_text(study_toml(epochs=2, trials=2))
     results = tmp_path / "res"
     code = cli.main(["retrain", "--study", str(base_file), "--default-params", "--data", str(env.folder), "--epochs", "1",
                      "--storage", f"sqlite:///{tmp_path}/absent.db", "--results", str(results), "--cache-dir", str(env.cache),
@@ -209,7 +197,7 @@ def unfinished(env: SimpleNamespace) -> Path:
     study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL))
     study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED, intermediate_values={1: 0.2}))
     path = env.root / "unfinished.toml"
-    path.write_text(STUDY)
+    path.write_text(study_toml(epochs=2, trials=2))
     return path
 
 

@@ -10,24 +10,11 @@ from types import SimpleNamespace
 import numpy as np
 import optuna
 import pytest
-from conftest import make_image_folder
+from conftest import make_image_folder, study_toml
 from optuna.trial import TrialState
 
 from cifar_hpo import checkpoint, cli, report
 from cifar_hpo.final import load_final
-
-STUDY = """
-name = "{name}"
-model = "baseline_cnn"
-search_space = "baseline"
-epochs = 1
-trials = 2
-seed = 0
-[sampler]
-kind = "random"
-[pruner]
-kind = "none"
-"""
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +24,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     folder = make_image_folder(root / "imgs", n_train=20, n_test=6)
     db, results, cache = f"sqlite:///{root}/db.sqlite3", root / "res", root / "cache"
     for name in ("tiny", "baseline"):
-        (root / f"{name}.toml").write_text(STUDY.format(name=name))
+        (root / f"{name}.toml").write_text(study_toml(name=name, epochs=1, trials=2))
     common = ["--storage", db, "--results", str(results), "--cache-dir", str(cache), "--device", "cpu"]
     assert cli.main(["run", "--study", str(root / "tiny.toml"), "--data", str(folder), "--trials", "2", *common]) == 0
     study = optuna.load_study(study_name="tiny", storage=db)

@@ -14,27 +14,11 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import make_image_folder
+from conftest import make_image_folder, study_toml
 from optuna.trial import TrialState
 
 from cifar_hpo import cli, objective
 from cifar_hpo.params import TrialParams
-
-STUDY = """
-model = "baseline_cnn"
-search_space = "baseline"
-epochs = {epochs}
-trials = 4
-seed = 0
-[sampler]
-kind = "random"
-[pruner]
-kind = "{pruner}"
-min_resource = 1
-reduction_factor = 2
-n_startup_trials = 2
-n_warmup_steps = 1
-"""
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +28,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _study_file(tmp_path: Path, *, epochs: int = 3, pruner: str = "median") -> Path:
     f = tmp_path / "tiny.toml"
-    f.write_text(STUDY.format(epochs=epochs, pruner=pruner))
+    f.write_text(study_toml(epochs=epochs, trials=4, pruner=pruner))
     return f
 
 

@@ -20,26 +20,13 @@ from typing import Any
 
 import optuna
 import pytest
-from conftest import make_image_folder
+from conftest import make_image_folder, study_toml
 from optuna.trial import TrialState
 
 from cifar_hpo import storage
 
 PG = "postgresql://postgres@127.0.0.1:5432/test"
 PG_WITH_PASSWORD = "postgresql://postgres:s3cret@127.0.0.1:5432/test"  # trust auth here: any password connects
-
-STUDY = """
-name = "{name}"
-model = "baseline_cnn"
-search_space = "baseline"
-epochs = {epochs}
-trials = 4
-seed = 0
-[sampler]
-kind = "random"
-[pruner]
-kind = "none"
-"""
 
 EPOCH_LINE = re.compile(r"^\[w(\d+)\] trial \d+/\d+ \(#(\d+)\) epoch", re.M)
 
@@ -53,7 +40,7 @@ def study_file(tmp_path: Path, *, epochs: int = 2, name: str | None = None) -> P
     """A tiny study file; its study name is unique unless given."""
     name = name or f"w{uuid.uuid4().hex[:10]}"
     f = tmp_path / f"{name}.toml"
-    f.write_text(STUDY.format(name=name, epochs=epochs))
+    f.write_text(study_toml(name=name, epochs=epochs, trials=4))
     return f
 
 
