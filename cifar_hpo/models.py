@@ -372,7 +372,22 @@ def build(params: TrialParams, num_classes: int) -> nn.Module:
     """
     if params.model not in MODELS:
         raise UserError(f"unknown model {params.model!r}; valid models: {', '.join(MODELS)}")
+    unknown = sorted(set(params.arch) - ARCH_KEYS[params.model])
+    if unknown:
+        valid = ", ".join(sorted(ARCH_KEYS[params.model])) or "none"
+        raise UserError(f"{params.model}: unknown arch option(s) {', '.join(unknown)}; valid: {valid}")
     return MODELS[params.model](params, num_classes)
+
+
+# The arch options each builder reads: anything else is a typo that would be silently ignored.
+_PRETRAINED_KEYS = {"head_hidden", "cifar_stem", "upsample"}
+ARCH_KEYS: dict[str, set[str]] = {
+    "baseline_cnn": set(),
+    "mlp": {"hidden", "depth", "image_size"},
+    "resnet18": _PRETRAINED_KEYS,
+    "densenet121": _PRETRAINED_KEYS,
+    "fast_cnn": {"widths", "width", "act", "tta", "logit_scale", "bn_momentum", "stem_stride"},
+}
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:

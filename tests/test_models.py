@@ -222,3 +222,13 @@ def test_frozen_batchnorm_statistics_do_not_move(torch_home: Path, monkeypatch: 
     for k, v in before.items():
         moved = not torch.equal(v, after[k])
         assert moved == k.startswith("net.layer4."), k
+
+
+def test_unknown_arch_option_is_refused() -> None:
+    from cifar_hpo.errors import UserError
+    from cifar_hpo.models import ARCH_KEYS, MODELS, build
+    from cifar_hpo.params import TrialParams
+
+    assert set(ARCH_KEYS) == set(MODELS)
+    with pytest.raises(UserError, match="unknown arch option.*width; valid: depth, hidden, image_size"):
+        build(TrialParams(model="mlp", arch={"width": 512}), 10)
