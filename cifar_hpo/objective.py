@@ -253,16 +253,16 @@ def _save_best(path: Path, params: TrialParams, best: dict[str, Any], ctx: Conte
 def _progress(ctx: Context, trial: optuna.Trial, n_done: int, r: Any, started: float) -> None:
     """One live line per epoch."""
     try:
-        best = trial.study.best_value
+        best = f"{trial.study.best_value:.4f}"
     except ValueError:
-        best = float("nan")
+        best = "-"  # no complete trial yet
     per_epoch = (time.time() - started) / max(1, r.epoch)
     left_trial = per_epoch * (ctx.spec.epochs - r.epoch)
     mean_trial = sum(ctx.trial_seconds) / len(ctx.trial_seconds) if ctx.trial_seconds else per_epoch * ctx.spec.epochs
     left = left_trial + mean_trial * max(0, ctx.target_trials - n_done - 1)
     ctx.log(
         f"trial {n_done + 1}/{ctx.target_trials} (#{trial.number}) epoch {r.epoch}/{ctx.spec.epochs}  "
-        f"val_acc {r.val_acc:.4f}  best {best:.4f}  {r.images_per_s:,.0f} img/s  ~{_duration(left)} left"
+        f"val_acc {r.val_acc:.4f}  best {best}  {r.images_per_s:,.0f} img/s  ~{_duration(left)} left"
     )
     sys.stdout.flush()
 
