@@ -44,10 +44,7 @@ def make_sampler(spec: StudySpec, seed_offset: int) -> optuna.samplers.BaseSampl
     seed = spec.seed + seed_offset
     if spec.sampler.kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with storage.quiet_experimental():
         return optuna.samplers.TPESampler(
             multivariate=spec.sampler.multivariate,
             n_startup_trials=spec.sampler.n_startup_trials,
@@ -183,7 +180,7 @@ def work(spec: StudySpec, url: str, results: Path, data: Any, *, seed_offset: in
     fails_in_row = 0
     started = time.time()
     while True:
-        with _quiet():
+        with storage.quiet_experimental():
             optuna.storages.fail_stale_trials(study)
         trials = study.get_trials(deepcopy=False)
         finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
@@ -227,15 +224,6 @@ def _trial_line(study: optuna.Study, t: optuna.trial.FrozenTrial) -> str:
     else:
         what = f"FAILED: {t.user_attrs.get('fail_reason', 'see log')}"
     return f"trial #{t.number} {what}; {done} finished, {best}"
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        yield
 
 
 def _worker_entry(spec: StudySpec, url: str, results: Path, args_dict: dict[str, Any], index: int, workers: int,

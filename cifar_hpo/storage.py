@@ -15,9 +15,11 @@ from its last saved epoch (see ``objective``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import warnings
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -65,13 +67,20 @@ def mask_url(url: str) -> str:
         return url
 
 
-def _retry_callback() -> Any:
+@contextlib.contextmanager
+def quiet_experimental() -> Iterator[None]:
+    """Silence Optuna's ExperimentalWarning for features we use on purpose (heartbeats, retries, TPE options)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+def _retry_callback(max_retry: int | None = MAX_RETRY) -> Any:
     # Optuna 4.9 renamed RetryFailedTrialCallback to RetryHeartbeatStaleTrialCallback
     # (and the RDBStorage argument failed_trial_callback to heartbeat_stale_trial_callback).
     cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return cls(max_retry=MAX_RETRY, inherit_intermediate_values=True)
+    with quiet_experimental():
+        return cls(max_retry=max_retry, inherit_intermediate_values=True)
 
 
 def retried_trial_number(trial: optuna.Trial) -> int | None:
@@ -88,10 +97,8 @@ def requeue_interrupted(study: optuna.Study, trial_number: int) -> None:
     lineage interrupted twice and then killed once has used up ``MAX_RETRY`` and is not retried again.
     """
     frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial_number)
-    cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        cls(max_retry=None, inherit_intermediate_values=True)(study, frozen)
+    with quiet_experimental():
+        _retry_callback(max_retry=None)(study, frozen)
 
 
 def _prepare_sqlite(url: str) -> None:
@@ -229,8 +236,7 @@ def open_storage(url: str, *, heartbeat: bool = True) -> optuna.storages.RDBStor
         else:  # Optuna < 4.9
             kwargs["failed_trial_callback"] = _retry_callback()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with quiet_experimental():
             st = _HeartbeatFromStart(url, engine_kwargs=engine_kwargs, **kwargs)
         if parsed.get_backend_name() == "sqlite":
             _sqlite_begin_immediate(st.engine)
