@@ -55,7 +55,6 @@ import numpy as np
 import optuna
 import torch
 from optuna.trial import TrialState
-from sqlalchemy.engine import make_url
 
 from cifar_hpo import checkpoint, storage
 from cifar_hpo.errors import UserError
@@ -112,26 +111,13 @@ class Source:
 # ---------------------------------------------------------------- studies and trials
 
 
-def existing_storage(url: str) -> optuna.storages.RDBStorage | None:
-    """Open a storage read-only, or return None for an SQLite file that does not exist (never creates one)."""
-    try:
-        parsed = make_url(url)
-    except Exception:
-        parsed = None
-    if parsed is not None and parsed.get_backend_name() == "sqlite":
-        db = parsed.database
-        if db and db != ":memory:" and not Path(db).is_file():
-            return None
-    return storage.open_storage(url, heartbeat=False)
-
-
 def load_study(name: str, url: str) -> optuna.Study:
     """The study ``name`` in the storage at ``url``, read-only.
 
     Raises:
         UserError: no database there, or no study of that name (the message lists those present).
     """
-    st = existing_storage(url)
+    st = storage.open_existing(url)
     if st is None:
         raise UserError(
             f"no study database at {storage.mask_url(url)}; run `cifar-hpo run --study {name}` first, "
@@ -244,7 +230,7 @@ def resolve_source(spec: StudySpec, args: argparse.Namespace, url: str) -> Sourc
 
 
 def _study_if_present(name: str, url: str) -> optuna.Study | None:
-    st = existing_storage(url)
+    st = storage.open_existing(url)
     if st is None:
         return None
     try:

@@ -46,7 +46,7 @@ from optuna.trial import TrialState
 
 from cifar_hpo import checkpoint, storage
 from cifar_hpo.errors import UserError
-from cifar_hpo.final import FINAL_NAME, existing_storage, load_final
+from cifar_hpo.final import FINAL_NAME, load_final
 
 BASELINE = "baseline"  # study whose final model is the reference
 MIN_TRIALS_FOR_IMPORTANCE = 2  # complete trials
@@ -82,7 +82,7 @@ def find_finals(results: Path) -> list[tuple[Path, dict[str, Any]]]:
 def load_studies(names: list[str], url: str) -> tuple[dict[str, optuna.Study], list[str]]:
     """The studies of ``names`` present in the storage (read-only), and notes on the missing ones."""
     notes: list[str] = []
-    st = existing_storage(url)
+    st = storage.open_existing(url)
     if st is None:
         return {}, [f"no study database at {storage.mask_url(url)}: study plots skipped (pass --storage)"]
     present = {s.study_name for s in optuna.get_all_study_summaries(st, include_best_trial=False)}

@@ -82,11 +82,10 @@ def _params_text(params: dict[str, Any]) -> str:
 def main(args: argparse.Namespace) -> int:
     """``cifar-hpo status``."""
     url = storage.storage_url(args.storage, args.results)
-    missing = storage.missing_sqlite(url)
-    if missing is not None:
-        print(f"no study database at {missing} yet; start one with: cifar-hpo run --study NAME")
+    st = storage.open_existing(url)
+    if st is None:
+        print(f"no study database at {storage.missing_sqlite(url)} yet; start one with: cifar-hpo run --study NAME")
         return 0
-    st = storage.open_storage(url, heartbeat=False)
     print(f"storage: {storage.mask_url(url)}")
     if args.study is None:
         rows = study_rows(st)
@@ -112,7 +111,10 @@ def main_dashboard(args: argparse.Namespace) -> int:
     import optuna_dashboard
 
     url = storage.storage_url(args.storage, args.results)
-    st = storage.open_storage(url, heartbeat=False)
+    st = storage.open_existing(url)
+    if st is None:
+        missing = storage.missing_sqlite(url)
+        raise UserError(f"no study database at {missing}; run a study first (cifar-hpo run --study NAME) or pass --storage")
     store = storage.artifact_store(url, args.results)
     print(f"optuna-dashboard on http://{args.host}:{args.port} for {storage.mask_url(url)} (Ctrl-C stops it)", flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1"):

@@ -261,7 +261,12 @@ def missing_sqlite(url: str) -> Path | None:
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None
     path = Path(parsed.database)
-    return None if path.exists() else path
+    return None if path.is_file() else path
+
+
+def open_existing(url: str) -> optuna.storages.RDBStorage | None:
+    """Open a storage for reading, or return None for an SQLite file that does not exist (never creates one)."""
+    return None if missing_sqlite(url) is not None else open_storage(url, heartbeat=False)
 
 
 def artifact_dir(url: str, results: Path) -> Path:

@@ -87,3 +87,9 @@ def test_status_never_creates_a_database(tmp_path: Path, capsys: pytest.CaptureF
     assert cli.main(["status", "--results", str(tmp_path / "r")]) == 0
     assert "no study database" in capsys.readouterr().out
     assert not (tmp_path / "r").exists()
+
+
+def test_dashboard_on_a_missing_database_is_one_line_and_creates_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["dashboard", "--results", str(tmp_path / "r")]) == 2
+    assert "no study database at" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
