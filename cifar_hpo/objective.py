@@ -114,7 +114,6 @@ def objective(trial: optuna.Trial, ctx: Context) -> float:
     started = time.time()
     n_done = finished_count(trial.study)
     model: torch.nn.Module | None = None
-    net: torch.nn.Module | None = None
     try:
         params = suggest_params(ctx.spec, trial)
         trial.set_user_attr("trial_params", params.to_dict())
@@ -123,8 +122,8 @@ def objective(trial: optuna.Trial, ctx: Context) -> float:
         trial.set_user_attr("device", device_name(ctx.data.device))
         trial.set_user_attr("versions", library_versions())
         torch.manual_seed(seed)
-        model = net = models.build(params, ctx.data.num_classes).to(ctx.data.device)
-        trial.set_user_attr("params_count", sum(p.numel() for p in net.parameters()))
+        model = models.build(params, ctx.data.num_classes).to(ctx.data.device)
+        trial.set_user_attr("params_count", sum(p.numel() for p in model.parameters()))
         resume = checkpoint.load(last, map_location=ctx.data.device) if last.is_file() else None
         if root is not None:
             trial.set_user_attr("fail_reason", None)  # copied from the failed original; this retry has not failed
@@ -141,9 +140,9 @@ def objective(trial: optuna.Trial, ctx: Context) -> float:
                 return  # train() ends this run with status "nonfinite" itself
             if result.epoch not in reported:
                 trial.report(result.val_acc, result.epoch)
-            if result.val_acc > best["acc"] and net is not None:
+            if result.val_acc > best["acc"] and model is not None:
                 best.update(acc=result.val_acc, epoch=result.epoch,
-                            state={k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()})  # fmt: skip
+                            state={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})  # fmt: skip
             if result.epoch < ctx.spec.epochs and time.time() - last_snapshot[0] >= ctx.snapshot_every_s:
                 checkpoint.save(snapshot(), last)
                 last_snapshot[0] = time.time()
@@ -181,7 +180,7 @@ def objective(trial: optuna.Trial, ctx: Context) -> float:
         raise
     finally:
         ctx.trial_seconds.append(time.time() - started)
-        model = net = None  # noqa: F841 - drop the references before freeing device memory
+        model = None  # drop the reference before freeing device memory
         if ctx.data.device.type == "cuda":
             _free_device_memory()
 
