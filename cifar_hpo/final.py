@@ -261,13 +261,9 @@ def final_spec(spec: StudySpec, source: Source, args: argparse.Namespace) -> Stu
 
 def load_final_data(spec: StudySpec, args: argparse.Namespace) -> DeviceData:
     """Train + validation images and the test split of the spec's data, on ``--device``."""
-    from cifar_hpo import data
-    from cifar_hpo.device import resolve_device
+    from cifar_hpo.run import load_data
 
-    device = resolve_device(getattr(args, "device", "auto"))
-    ds = data.load_dataset(spec.data.source, data_dir=getattr(args, "data_dir", None), cache_dir=getattr(args, "cache_dir", None))
-    split = data.split_dataset(ds, val_fraction=spec.data.val_fraction, seed=spec.data.split_seed, subset=spec.data.subset)
-    return data.final_data(ds, split, device)
+    return load_data(spec, args, final=True)
 
 
 # ---------------------------------------------------------------- one seed

@@ -108,15 +108,18 @@ def open_study(spec: StudySpec, url: str, split_hash: str) -> optuna.Study:
     return study
 
 
-def load_data(spec: StudySpec, args: argparse.Namespace) -> Any:
-    """Decode (or read from cache) the data, split it, and put train/val on the device."""
+def load_data(spec: StudySpec, args: argparse.Namespace, *, final: bool = False) -> Any:
+    """Decode (or read from cache) the spec's data, split it, and put it on ``--device``.
+
+    Trials get train / validation; ``final=True`` gives train + validation / test, for final evaluation only.
+    """
     from cifar_hpo import data
     from cifar_hpo.device import resolve_device
 
     device = resolve_device(getattr(args, "device", "auto"))
     ds = data.load_dataset(spec.data.source, data_dir=getattr(args, "data_dir", None), cache_dir=getattr(args, "cache_dir", None))
     split = data.split_dataset(ds, val_fraction=spec.data.val_fraction, seed=spec.data.split_seed, subset=spec.data.subset)
-    return data.trial_data(ds, split, device)
+    return (data.final_data if final else data.trial_data)(ds, split, device)
 
 
 @contextlib.contextmanager
