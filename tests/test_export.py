@@ -317,3 +317,18 @@ def test_bad_input(env: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureF
     mismatched = tmp_path / "mismatch.pt"
     checkpoint.save({**f, "params": TrialParams(model="mlp").to_dict()}, mismatched)
     fails(["predict", "--checkpoint", str(mismatched), str(env.folder / "test")], "do not fit model 'mlp'")
+
+
+def test_export_needs_the_models_test_images(env: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = final.load_final(env.final)
+    results = tmp_path / "res"
+    checkpoint.save({**f, "data": {**f["data"], "source": str(tmp_path / "moved-away")}}, results / "demo" / "final.pt")
+    out = tmp_path / "out"
+    argv = ["export", "--study", "demo", "--results", str(results), "--out", str(out), "--cache-dir", str(env.cache)]
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "moved-away" in err and "pass --data" in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()  # nothing half-written
+    assert cli.main([*argv, "--data", str(env.folder)]) == 0  # the images found where they are now
+    assert "18 of the 18 test images" in (out / "MODEL_CARD.md").read_text()
