@@ -120,17 +120,17 @@ def _cmd_retrain(args: argparse.Namespace) -> int | None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int | None:
-    """Export a final model as a checkpoint, a standalone program and a model card."""
+    """Export a final model as ONNX, a torch.export program, a checkpoint and a model card, each checked."""
     from cifar_hpo import export
 
     return export.main(args)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int | None:
-    """Classify images with a final checkpoint."""
-    from cifar_hpo import export
+    """Classify images with a final.pt, model.pt2 or model.onnx (ONNX Runtime, no torch needed)."""
+    from cifar_hpo import predict
 
-    return export.main_predict(args)
+    return predict.main(args)
 
 
 def _cmd_report(args: argparse.Namespace) -> int | None:
@@ -260,10 +260,14 @@ def _parser_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--study", required=True, help="study whose final model to export")
     _add_results_flag(p)
     p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--data", default=None, help="data whose test images check the exported programs (default: the model's own source)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="decoded-array cache (default: ~/.cache/cifar-hpo/decoded)")
+    p.add_argument("--torchscript", action="store_true",
+                   help="also write model.ts (TorchScript; deprecated since PyTorch 2.11, torch.jit.load warns on every load)")  # fmt: skip
 
 
 def _parser_predict(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", type=Path, required=True, help="a final.pt written by `cifar-hpo retrain`")
+    p.add_argument("--checkpoint", type=Path, required=True, help="final.pt (from retrain), model.pt2 or model.onnx (from export)")
     p.add_argument("images", nargs="+", type=Path, help="image files or folders of images")
     p.add_argument("--top", type=int, default=1, help="classes shown per image (default: 1)")
     p.add_argument("--json", action="store_true", help="print one JSON list of {path, class, probability, top} instead of text")

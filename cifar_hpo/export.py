@@ -1,37 +1,43 @@
-"""``cifar-hpo export`` and ``cifar-hpo predict``: use a final model outside the study.
+"""``cifar-hpo export``: a final model as files other programs load.
 
     cifar-hpo export --study fast --out exported/fast
-    cifar-hpo predict --checkpoint results/fast/final.pt photo.jpg more_photos/ --top 3
-    cifar-hpo predict --checkpoint exported/fast/final.pt photos/ --json > predictions.json
+    cifar-hpo predict --checkpoint exported/fast/model.onnx photo.jpg more_photos/ --top 3
 
 ``export`` writes into ``--out``:
 
-- ``model.ts``: TorchScript (the network traced, inside a scripted wrapper)
-  that takes uint8 images (B, 3, 32, 32) in 0..255 or float images in [0, 1]
-  and returns class probabilities (B, C). Normalization is folded in, so the
-  consumer needs nothing but torch: ``torch.jit.load("model.ts")``.
-- ``model.pt2``: the same wrapper as a ``torch.export`` program for float
-  images in [0, 1] (dtypes are fixed in an exported program; divide uint8
-  images by 255 first), any batch size: ``torch.export.load("model.pt2").module()``.
+- ``model.onnx``: ONNX (``torch.onnx.export(..., dynamo=True)``, one file, weights
+  inside) for ONNX Runtime and any other ONNX consumer. Input ``images``: float
+  (B, 3, 32, 32) in [0, 1], any batch size; output ``probabilities`` (B, C).
+  Normalization and softmax are folded in. The class names are in the model's
+  metadata (``custom_metadata_map["classes"]``, a JSON list). Needs the ``onnx``
+  extra (``pip install 'cifar-hpo[onnx]'``); without it the other files are still
+  written and a note names the extra.
+- ``model.pt2``: the same program as ``torch.export`` (same input contract),
+  class names embedded: ``torch.export.load("model.pt2").module()``.
 - ``final.pt``: the self-describing checkpoint (weights, parameters, classes,
   normalization, metrics, provenance), loadable with ``weights_only=True``.
 - ``classes.json`` (class names in output order) and ``MODEL_CARD.md``.
+- ``model.ts`` only with ``--torchscript``: TorchScript is deprecated since
+  PyTorch 2.11 (``torch.jit.load`` warns on every load; unsupported on Python 3.14).
 
-Each program is loaded back and checked against the model in memory before
-the export counts; a format that fails is reported and left out (TorchScript
-and torch.export both work for every model of the registry).
+Before an export counts, each program is loaded back (ONNX in
+``onnxruntime.InferenceSession``) and run on real test images of the model's
+data (up to ``CHECK_IMAGES``, spread over the split); its probabilities must
+match the PyTorch model within ``EXPORT_TOLERANCE`` and its top-1 class must
+agree wherever the model's two best classes are not a near-tie. The max
+absolute probability difference and the top-1 agreement go into MODEL_CARD.md.
+A format that fails is reported and left out.
 
-``predict`` reads images of any size and format PIL knows, converts them to
-RGB, resizes them to the model's input size (PIL bilinear) when they differ,
-and prints the most likely class and its probability per image (``--top K``
-classes; ``--json`` prints one JSON list of {path, class, probability, top}).
+Predicting from any of the three files: ``cifar_hpo.predict``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -40,12 +46,13 @@ import torch
 from torch import nn
 
 from cifar_hpo import checkpoint
+from cifar_hpo import predict as predicting
 from cifar_hpo.errors import UserError
 from cifar_hpo.final import FINAL_NAME, build_model, final_path, load_final
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-PREDICT_BATCH = 256  # images per forward pass
 EXPORT_TOLERANCE = 1e-4  # max absolute difference in probabilities between a loaded program and the model
+CHECK_IMAGES = 1000  # real test images each exported program is checked on (all of them when fewer)
+ONNX_OPSET = 18  # torch.onnx's default in 2.x; ONNX Runtime >= 1.16 runs it
 
 
 class Deployed(nn.Module):
@@ -76,21 +83,62 @@ def deployed(final: dict[str, Any]) -> Deployed:
 # ---------------------------------------------------------------- export
 
 
-def export_torchscript(module: Deployed, example: torch.Tensor, path: Path) -> None:
-    """Trace the network, script the wrapper around it (so the dtype branch stays), save."""
+def export_torchscript(module: Deployed, example: torch.Tensor, path: Path, classes: list[str] | None = None) -> None:
+    """Trace the network, script the wrapper around it (so the dtype branch stays), save (classes: classes.json only).
+
+    Only with ``--torchscript``: torch.jit is deprecated since PyTorch 2.11.
+    """
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export; both are written
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notice; the user asked for it explicitly
         mean, std = cast(torch.Tensor, module.mean), cast(torch.Tensor, module.std)  # buffers
         traced = torch.jit.trace(cast(nn.Module, module.net), ((example.float() / 255.0 - mean) / std,))
         scripted = torch.jit.script(Deployed(traced, mean.flatten().tolist(), std.flatten().tolist()))
         _atomic(path, lambda tmp: scripted.save(str(tmp)))
 
 
-def export_program(module: Deployed, example: torch.Tensor, path: Path) -> None:
-    """``torch.export`` the wrapper for float input in [0, 1] with a dynamic batch size, save."""
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    program = torch.export.export(module, (example.float() / 255.0,), dynamic_shapes={"x": {0: batch}})
-    _atomic(path, lambda tmp: torch.export.save(program, str(tmp)))
+def _batch_dim() -> Any:
+    return {"x": {0: torch.export.Dim("batch", min=1, max=65536)}}
+
+
+def export_program(module: Deployed, example: torch.Tensor, path: Path, classes: list[str] | None = None) -> None:
+    """``torch.export`` the wrapper for float input in [0, 1] with a dynamic batch size, save (class names embedded)."""
+    program = torch.export.export(module, (example.float() / 255.0,), dynamic_shapes=_batch_dim())
+    extra = {"input_size.json": json.dumps(list(example.shape[1:]))}
+    if classes is not None:
+        extra["classes.json"] = json.dumps(classes)
+    _atomic(path, lambda tmp: torch.export.save(program, str(tmp), extra_files=extra))
+
+
+def onnx_missing() -> str | None:
+    """Why ONNX export cannot run here (one line naming the extra), or None when it can."""
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"{', '.join(missing)} not installed: {predicting.ONNX_EXTRA}"
+    return None
+
+
+def export_onnx(module: Deployed, example: torch.Tensor, path: Path, classes: list[str] | None = None) -> None:
+    """``torch.onnx.export(dynamo=True)`` for float input in [0, 1], dynamic batch, one self-contained file.
+
+    Raises:
+        UserError: onnx / onnxscript missing (the extra is named).
+    """
+    why = onnx_missing()
+    if why is not None:
+        raise UserError(why)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's notes on decompositions; the result is checked below
+        program = torch.onnx.export(
+            module, (example.float() / 255.0,), dynamo=True, dynamic_shapes=_batch_dim(), opset_version=ONNX_OPSET,
+            input_names=[predicting.ONNX_INPUT], output_names=[predicting.ONNX_OUTPUT], verbose=False,
+        )  # fmt: skip
+    assert program is not None
+    if classes is not None:
+        program.model.metadata_props["classes"] = json.dumps(classes)
+    program.model.metadata_props["input"] = "float32 (batch, 3, H, W) RGB in [0, 1]; output: class probabilities"
+    _atomic(path, lambda tmp: program.save(str(tmp), external_data=False))  # weights inside: one file to ship
 
 
 def _atomic(path: Path, write: Any) -> None:
@@ -102,14 +150,81 @@ def _atomic(path: Path, write: Any) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _check_loaded(load: Any, reference: Deployed, x: torch.Tensor) -> float:
-    """Max absolute difference of probabilities between a reloaded program and the model."""
-    with torch.no_grad(), warnings.catch_warnings():
+@dataclass(frozen=True)
+class Check:
+    """How a reloaded program compares with the PyTorch model on real images."""
+
+    images: int
+    max_diff: float  # max absolute difference of probabilities
+    agree: int  # images with the same top-1 class
+    real_disagreements: int  # top-1 differs although the model's two best classes are not a near-tie
+
+    @property
+    def ok(self) -> bool:
+        return self.max_diff <= EXPORT_TOLERANCE and self.real_disagreements == 0
+
+
+def compare(got: np.ndarray, want: np.ndarray) -> Check:
+    """Probabilities of a loaded program against the model's, (N, C) each."""
+    diff = float(np.abs(got - want).max()) if got.size else 0.0
+    same = got.argmax(1) == want.argmax(1)
+    top2 = np.sort(want, axis=1)[:, -2:] if want.shape[1] > 1 else np.concatenate([want, want], 1)
+    # Within the tolerance, only images whose two best classes are closer than 2 x tolerance can flip.
+    near_tie = (top2[:, 1] - top2[:, 0]) <= 2 * EXPORT_TOLERANCE
+    return Check(len(got), diff if got.shape == want.shape else math.inf, int(same.sum()), int((~same & ~near_tie).sum()))
+
+
+def check_images(final: dict[str, Any], source: str | None, cache_dir: Path | None) -> tuple[np.ndarray, str]:
+    """Up to CHECK_IMAGES test images of the model's data, spread over the split (uint8 (N, 3, H, W)), and where from.
+
+    Raises:
+        UserError: the data cannot be loaded (the message names the source and ``--data``).
+    """
+    from cifar_hpo import data
+
+    src = source or final["data"]["source"]
+    try:
+        ds = data.load_dataset(src, cache_dir=cache_dir, progress=False)
+    except UserError as e:
+        raise UserError(f"the exported programs are checked on the model's test images, which cannot be loaded: {e} "
+                        "(pass --data with the source the model was trained on)") from None  # fmt: skip
+    n = len(ds.test_x)
+    idx = np.unique(np.linspace(0, n - 1, min(CHECK_IMAGES, n)).round().astype(int))  # every class, not the first few
+    x = np.ascontiguousarray(ds.test_x[idx].transpose(0, 3, 1, 2))
+    if x.shape[1:] != tuple(final["input_size"]):
+        raise UserError(f"{src} has images of shape {x.shape[1:]}, the model takes {tuple(final['input_size'])}; pass --data")
+    return x, f"{len(idx):,} of the {n:,} test images of `{src}`, spread evenly over the split"
+
+
+def _reference(module: Deployed, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return np.concatenate([module(torch.from_numpy(x[i : i + predicting.PREDICT_BATCH])).numpy()
+                               for i in range(0, len(x), predicting.PREDICT_BATCH)])  # fmt: skip
+
+
+def _run_torchscript(path: Path) -> Any:
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice
-        return float((load()(x) - reference(x)).abs().max())
+        ts = torch.jit.load(str(path))
+
+    def probabilities(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return ts(torch.from_numpy(x)).numpy()
+
+    return probabilities
 
 
-def model_card(final: dict[str, Any], formats: dict[str, str]) -> str:
+def check_loaded(path: Path, reference: np.ndarray, x: np.ndarray) -> Check:
+    """Load ``path`` as predict would (ONNX in onnxruntime) and compare it on ``x`` (uint8) with ``reference``."""
+    if path.suffix == ".ts":
+        run = _run_torchscript(path)
+    else:
+        run = predicting.load(path).probabilities
+    got = np.concatenate([run(x[i : i + predicting.PREDICT_BATCH]) for i in range(0, len(x), predicting.PREDICT_BATCH)])
+    return compare(got, reference)
+
+
+def model_card(final: dict[str, Any], formats: dict[str, str], checks: dict[str, Check] | None = None, checked_on: str = "") -> str:
     """MODEL_CARD.md text: data, protocol, parameters, accuracy, hardware, loading."""
     accs = [100 * a for a in final["test_acc"]]
     k = len(accs)
@@ -128,16 +243,27 @@ def model_card(final: dict[str, Any], formats: dict[str, str]) -> str:
     mean_seconds = float(np.mean(final["train_seconds"]))
     ips = float(np.mean(final["images_per_s"]))
     loaders = []
-    if "model.ts" in formats:
+    if "model.onnx" in formats:
         loaders.append(
-            '```python\nimport torch, json\nmodel, classes = torch.jit.load("model.ts"), json.load(open("classes.json"))\n'
-            "probs = model(images)  # (B, 3, 32, 32) uint8 0..255 or float 0..1 -> (B, C) probabilities\n```"
+            '```python\nimport json, numpy as np, onnxruntime as ort\nsession = ort.InferenceSession("model.onnx")\n'
+            'classes = json.loads(session.get_modelmeta().custom_metadata_map["classes"])\n'
+            'probs = session.run(None, {"images": images.astype(np.float32) / 255})[0]  # uint8 (B, 3, 32, 32) -> (B, C)\n```'
         )
     if "model.pt2" in formats:
         loaders.append(
             '```python\nimport torch, json\nmodel, classes = torch.export.load("model.pt2").module(), json.load(open("classes.json"))\n'
             "probs = model(images.float() / 255)  # float (B, 3, 32, 32) in [0, 1] -> (B, C) probabilities\n```"
         )
+    if "model.ts" in formats:
+        loaders.append(
+            "TorchScript (deprecated since PyTorch 2.11; `torch.jit.load` warns on every load):\n\n"
+            '```python\nimport torch, json\nmodel, classes = torch.jit.load("model.ts"), json.load(open("classes.json"))\n'
+            "probs = model(images)  # (B, 3, 32, 32) uint8 0..255 or float 0..1 -> (B, C) probabilities\n```"
+        )
+    check_rows = "\n".join(
+        f"| `{name}` | {c.images:,} | {c.max_diff:.1e} | {c.agree:,} / {c.images:,} ({100 * c.agree / max(c.images, 1):.2f} %) |"
+        for name, c in (checks or {}).items()
+    )
     files = "\n".join(f"- `{name}`: {what}" for name, what in formats.items())
     versions = ", ".join(f"{k_} {v}" for k_, v in final["versions"].items())
     return f"""# {final["study"]}: {final["model"]} image classifier
@@ -177,11 +303,21 @@ never used to choose anything.
 
 {files}
 
+## Export check
+
+Each program was loaded back (`model.onnx` in ONNX Runtime) and run on {checked_on or "test images"}, against the PyTorch
+model in memory (tolerance {EXPORT_TOLERANCE:g} on probabilities):
+
+| file | images | max abs probability difference | same top-1 class as PyTorch |
+|---|---|---|---|
+{check_rows}
+
 ## Load
 
 {chr(10).join(loaders)}
 
-Or, with this project installed: `cifar-hpo predict --checkpoint final.pt IMAGE_OR_FOLDER... --top 3`.
+Or, with this project installed: `cifar-hpo predict --checkpoint model.onnx IMAGE_OR_FOLDER... --top 3`
+(`final.pt` and `model.pt2` work the same and give the same classes).
 """
 
 
@@ -204,118 +340,48 @@ def main(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a folder")
     module = deployed(final)
-    c, h, w = final["input_size"]
-    gen = torch.Generator().manual_seed(0)
-    example = torch.randint(0, 256, (4, c, h, w), dtype=torch.uint8, generator=gen)
+    images, checked_on = check_images(final, getattr(args, "data", None), getattr(args, "cache_dir", None))
+    reference = _reference(module, images)
+    example = torch.from_numpy(images[:4].copy())
+    classes = list(final["classes"])
     out.mkdir(parents=True, exist_ok=True)
     formats: dict[str, str] = {}
+    checks: dict[str, Check] = {}
     problems: list[str] = []
-    attempts = (
-        ("model.ts", export_torchscript, lambda p: torch.jit.load(str(p)), example,
-         "TorchScript; uint8 (0..255) or float ([0, 1]) images (B, 3, 32, 32) -> probabilities"),
-        ("model.pt2", export_program, lambda p: torch.export.load(str(p)).module(), example.float() / 255.0,
-         "torch.export program; float images in [0, 1] (B, 3, 32, 32) -> probabilities"),
-    )  # fmt: skip
-    for filename, write, load, check_x, what in attempts:
+    attempts = [
+        ("model.onnx", export_onnx, "ONNX (ONNX Runtime); input `images` float (B, 3, 32, 32) in [0, 1] -> `probabilities` (B, C); "
+         "class names in its metadata"),
+        ("model.pt2", export_program, "torch.export program; float images in [0, 1] (B, 3, 32, 32) -> probabilities"),
+    ]  # fmt: skip
+    if getattr(args, "torchscript", False):
+        attempts.append(("model.ts", export_torchscript,
+                         "TorchScript (deprecated since PyTorch 2.11); uint8 0..255 or float [0, 1] images -> probabilities"))  # fmt: skip
+    for filename, write, what in attempts:
         path = out / filename
         try:
-            write(module, example, path)
-            diff = _check_loaded(lambda path=path, load=load: load(path), module, check_x)
-            if not diff <= EXPORT_TOLERANCE:
-                raise RuntimeError(f"reloaded program differs from the model by {diff:.2e}")
+            write(module, example, path, classes)
+            check = check_loaded(path, reference, images)
+            if not check.ok:
+                raise RuntimeError(
+                    f"reloaded program differs from the model: max probability difference {check.max_diff:.2e}, "
+                    f"top-1 agreement {check.agree}/{check.images}"
+                )
         except Exception as e:
             path.unlink(missing_ok=True)
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            problems.append(f"{filename}: {type(e).__name__}: {first}")
+            problems.append(f"{filename}: {first}" if isinstance(e, UserError) else f"{filename}: {type(e).__name__}: {first}")
             print(f"note: {filename} not written ({problems[-1]})")
             continue
-        formats[filename] = what
-        print(f"wrote {path} (checked: max probability difference {diff:.1e})")
+        formats[filename], checks[filename] = what, check
+        print(f"wrote {path} (checked on {check.images:,} test images: max probability difference {check.max_diff:.1e}, "
+              f"top-1 agreement {check.agree}/{check.images})")  # fmt: skip
     if not formats:
-        raise UserError(f"neither TorchScript nor torch.export could export {final['model']}: {'; '.join(problems)}")
+        raise UserError(f"no format could export {final['model']}: {'; '.join(problems)}")
     checkpoint.save(final, out / FINAL_NAME)
     formats[FINAL_NAME] = "checkpoint: weights, parameters, classes, normalization, metrics (torch.load(weights_only=True))"
     formats["classes.json"] = "class names in output order"
-    checkpoint.atomic_write_bytes(out / "classes.json", (json.dumps(final["classes"], indent=1) + "\n").encode(), mode=0o644)
-    checkpoint.atomic_write_bytes(out / "MODEL_CARD.md", model_card(final, formats).encode(), mode=0o644)
+    checkpoint.atomic_write_bytes(out / "classes.json", (json.dumps(classes, indent=1) + "\n").encode(), mode=0o644)
+    card = model_card(final, formats, checks, checked_on)
+    checkpoint.atomic_write_bytes(out / "MODEL_CARD.md", card.encode(), mode=0o644)
     print(f"wrote {out / FINAL_NAME}, {out / 'classes.json'}, {out / 'MODEL_CARD.md'}")
-    return 0
-
-
-# ---------------------------------------------------------------- predict
-
-
-def image_paths(items: list[Path]) -> list[Path]:
-    """Files as given, and image files found under folders (recursively, sorted).
-
-    Raises:
-        UserError: a path does not exist, or a folder holds no image files.
-    """
-    paths: list[Path] = []
-    for item in items:
-        if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
-            if not found:
-                raise UserError(f"folder {item} holds no image files ({', '.join(IMAGE_EXTS)})")
-            paths.extend(found)
-        elif item.is_file():
-            paths.append(item)
-        else:
-            raise UserError(f"{item} does not exist; pass image files or folders of images")
-    return paths
-
-
-def read_image(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """One image as uint8 (3, H, W) RGB, resized (PIL bilinear) to ``size`` = (H, W) when it differs.
-
-    Raises:
-        UserError: not a readable image (the file is named).
-    """
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            rgb = im.convert("RGB")
-        if rgb.size != (size[1], size[0]):
-            rgb = rgb.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-        return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
-    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, ... for bad files
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not a readable image ({type(e).__name__}: {first}); remove it or pass other files") from None
-
-
-def predict(final: dict[str, Any], paths: list[Path], top: int) -> list[dict[str, Any]]:
-    """Class, probability and the ``top`` most likely classes per image."""
-    module = deployed(final)
-    classes = list(final["classes"])
-    top = max(1, min(top, len(classes)))
-    _, h, w = final["input_size"]
-    images = [read_image(p, (h, w)) for p in paths]  # all read first: a bad file fails before any output
-    out: list[dict[str, Any]] = []
-    with torch.no_grad():
-        for start in range(0, len(images), PREDICT_BATCH):
-            x = torch.from_numpy(np.stack(images[start : start + PREDICT_BATCH]))
-            probs = module(x)
-            values, indices = probs.topk(top, dim=1)
-            for i, path in enumerate(paths[start : start + PREDICT_BATCH]):
-                ranked = [{"class": classes[int(j)], "probability": float(v)} for v, j in zip(values[i], indices[i], strict=True)]
-                out.append({"path": str(path), "class": ranked[0]["class"], "probability": ranked[0]["probability"], "top": ranked})
-    return out
-
-
-def main_predict(args: argparse.Namespace) -> int:
-    """``cifar-hpo predict``."""
-    if args.top < 1:
-        raise UserError(f"--top must be >= 1, got {args.top}")
-    final = load_final(args.checkpoint)
-    rows = predict(final, image_paths(list(args.images)), args.top)
-    if args.json:
-        print(json.dumps(rows, indent=1))
-        return 0
-    width = max(len(r["path"]) for r in rows)
-    for r in rows:
-        line = f"{r['path']:<{width}}  {r['class']}  {100 * r['probability']:.1f}%"
-        if len(r["top"]) > 1:
-            line += "   (" + ", ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in r["top"]) + ")"
-        print(line)
     return 0

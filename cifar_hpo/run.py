@@ -26,7 +26,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from cifar_hpo import storage
+from cifar_hpo import dashboard_notes, storage
 from cifar_hpo.errors import UserError
 from cifar_hpo.objective import Context, Interrupted, finished_count, objective
 from cifar_hpo.spec import StudySpec, load_spec, save_resolved
@@ -507,6 +507,7 @@ def main(args: argparse.Namespace) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     data = load_data(spec, args)
     study = open_study(spec, url, data.split_hash)
+    dashboard_notes.describe_study(study, spec, data.split_hash, (len(data.train_y), len(data.eval_y)))
     save_resolved(spec, results / spec.name)
     done = finished_count(study)
     print(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import html
 import json
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -136,3 +138,84 @@ def test_bad_input(env: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureF
     (corrupt / "tiny").mkdir(parents=True)
     (corrupt / "tiny" / "final.pt").write_bytes(b"garbage")
     fails(corrupt, "cannot be loaded safely")
+
+
+# ---------------------------------------------------------------- the HTML page in a real browser
+
+HARNESS = """<script>
+window.addEventListener("load", () => {
+  document.body.dataset.images = JSON.stringify([...document.images].map(
+    i => [i.dataset.name, i.complete, i.naturalWidth, i.naturalHeight]));
+});
+</script></body>"""
+
+
+def test_report_page_renders_in_headless_chromium(env: SimpleNamespace, tmp_path: Path) -> None:
+    from browser import chromium_or_skip, dump_dom, screenshot, table_rows, tags
+    from PIL import Image
+
+    chromium_or_skip()
+    out = tmp_path / "report"
+    assert cli.main(["report", "--results", str(env.results), "--storage", env.db, "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    page = (out / "index.html").read_text()
+    alone = tmp_path / "alone"  # the page alone, away from the PNGs: it must carry them itself
+    alone.mkdir()
+    (alone / "index.html").write_text(page)
+
+    # Nothing from outside: every src is a data: URI; a CSP forbids the rest; no script in the page.
+    all_tags = tags(page)
+    assert not any(t == "script" for t, _ in all_tags)
+    assert all(str(a.get("src", "data:")).startswith("data:") for _, a in all_tags)
+    assert not any(str(a.get("href", "#")).startswith(("http:", "https:", "//")) for _, a in all_tags)
+    assert "default-src 'none'" in page
+
+    # Every figure loads, at the PNG's own size. The page has no JavaScript; this test copy adds a reporter.
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    csp = report.CSP
+    (probe / "index.html").write_text(page.replace(csp, csp + "; script-src 'unsafe-inline'").replace("</body>", HARNESS))
+    dom = dump_dom((probe / "index.html").as_uri())
+    body = next(a for t, a in tags(dom) if t == "body")
+    loaded = json.loads(str(body["data-images"]))
+    assert [name for name, *_ in loaded] == summary["figures"]
+    for name, complete, width, height in loaded:
+        with Image.open(out / name) as im:
+            assert complete and (width, height) == im.size, (name, width, height, im.size)
+
+    # The table as the browser parsed it: one row per final model, numbers equal to summary.json.
+    dom = dump_dom((alone / "index.html").as_uri())
+    rows = {a["data-study"]: cells for a, cells in table_rows(dom, "comparison") if a.get("data-study")}
+    assert list(rows) == [r["study"] for r in summary["rows"]] == ["baseline", "tiny"]
+    for r in summary["rows"]:
+        cells = rows[r["study"]]
+        texts = [text for _, text in cells]
+        assert texts[0] == r["label"]
+        assert texts[1] == f"{100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_std']:.2f}"
+        assert float(str(cells[1][0]["data-value"])) == r["test_acc_mean"] and float(str(cells[1][0]["data-std"])) == r["test_acc_std"]
+        assert texts[2] == str(r["seeds"])
+        assert texts[3] == ("(baseline)" if r["study"] == "baseline" else f"{r['diff_points']:+.2f}")
+        assert texts[4] == ("-" if r["best_val_acc"] is None else f"{100 * r['best_val_acc']:.2f}")
+        assert texts[5] == f"{r['params_count']:,}" and texts[6] == f"{r['train_seconds']:.1f}"
+        assert texts[8] == r["hardware"]
+    tiny = next(r for r in summary["rows"] if r["study"] == "tiny")
+    assert tiny["diff_points"] != 0 and rows["tiny"][3][0]["class"] in ("num pos", "num neg")
+
+    # Pruning statistics and provenance, also from summary.json.
+    pruning = {a["data-study"]: [t for _, t in c] for a, c in table_rows(dom, "pruning") if a.get("data-study")}
+    p = summary["studies"]["tiny"]["pruning"]
+    assert pruning["tiny"][2:6] == [str(p["counts"][k]) for k in ("complete", "pruned", "fail", "running")] == ["2", "1", "0", "0"]
+    assert pruning["tiny"][6:8] == [str(p["epochs_trained"]), str(p["epochs_unpruned"])] == ["3", "3"]
+    prov = {a["data-study"]: [t for _, t in c] for a, c in table_rows(dom, "provenance") if a.get("data-study")}
+    for d in summary["provenance"]:
+        assert d["split_hash"] in prov[d["study"]][2] and "cat, dog, frog" in prov[d["study"]][5]
+        assert prov[d["study"]][3] == f"{d['train_images']:,}" and prov[d["study"]][4] == f"{d['test_images']:,}"
+    for key, value in tiny["params"].items():
+        assert f"<code>{key}</code>" in page and html.escape(str(value)) in page
+
+    png = screenshot((alone / "index.html").as_uri(), tmp_path / "page.png", size=(1280, 3000))
+    if os.environ.get("CIFAR_HPO_KEEP_SCREENSHOTS"):  # to look at it: CIFAR_HPO_KEEP_SCREENSHOTS=folder
+        shutil.copy(png, Path(os.environ["CIFAR_HPO_KEEP_SCREENSHOTS"]) / "report_page.png")
+    with Image.open(png) as im:
+        assert im.size == (1280, 3000)
+        assert len(np.unique(np.asarray(im.convert("L").resize((64, 150))))) > 20  # drawn content, not a blank page

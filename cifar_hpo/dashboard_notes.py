@@ -1,0 +1,144 @@
+"""What optuna-dashboard shows about a study: its metric's name and a note in words.
+
+    cifar-hpo run --study fast --trials 20     # names the study when it opens it
+    cifar-hpo dashboard                        # -> "val_acc", and the note on the study's page
+
+``run.open_study`` calls ``describe_study`` with one line. The metric is named
+``val_acc`` (Optuna's metric names; the dashboard shows "Objective 0" without).
+The note (optuna-dashboard's study note, Markdown) says what the study is: its
+spec, its data split and its search space in words. It is written once, when the
+study has no note: a note edited in the dashboard is the user's and is kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+
+from cifar_hpo.spec import StudySpec, load_search_space
+
+METRIC = "val_acc"  # what each trial returns and reports per epoch: accuracy on the validation split (0..1)
+MAX_PASSES = 8  # a search space is replayed once per choice of its widest categorical, up to this many times
+
+
+@dataclass
+class SpaceRecorder:
+    """A stand-in for an Optuna trial that records every ``suggest_*`` call instead of sampling.
+
+    Categorical choices rotate with ``rotation`` so that replays walk the branches of conditional spaces.
+    """
+
+    rotation: int = 0
+    seen: dict[str, str] = field(default_factory=dict)
+    widest: int = 1
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False) -> float:
+        scale = "log scale" if log else (f"step {step:g}" if step else "uniform")
+        self.seen[name] = f"real number from {low:g} to {high:g} ({scale})"
+        self.params[name] = low
+        return low
+
+    def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int:
+        scale = ", log scale" if log else (f", step {step}" if step != 1 else "")
+        self.seen[name] = f"integer from {low} to {high}{scale}"
+        self.params[name] = low
+        return low
+
+    def suggest_categorical(self, name: str, choices: Any) -> Any:
+        choices = list(choices)
+        self.seen[name] = "one of " + ", ".join(f"`{c}`" for c in choices)
+        self.widest = max(self.widest, len(choices))
+        self.params[name] = choices[self.rotation % len(choices)]
+        return self.params[name]
+
+    def __getattr__(self, name: str) -> Any:  # set_user_attr, report, ...: a search space only suggests, but be lenient
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return lambda *a, **k: None
+
+
+def search_space_words(module_name: str) -> list[tuple[str, str, bool]]:
+    """(parameter, range in words, conditional?) for every parameter ``search_spaces/<module_name>.py`` can suggest."""
+    module = load_search_space(module_name)
+    passes: list[dict[str, str]] = []
+    rotation, widest = 0, 1
+    while rotation < min(widest, MAX_PASSES):
+        rec = SpaceRecorder(rotation=rotation)
+        try:
+            module.suggest(rec)
+        except Exception:  # noqa: S110 - the recorder's stand-in values may not build valid TrialParams; what it saw counts
+            pass
+        passes.append(rec.seen)
+        widest, rotation = max(widest, rec.widest), rotation + 1
+    names: dict[str, str] = {}
+    for p in passes:
+        names.update(p)
+    return [(n, words, not all(n in p for p in passes)) for n, words in names.items()]
+
+
+def _sampler_words(spec: StudySpec) -> str:
+    s = spec.sampler
+    if s.kind == "tpe":
+        return f"TPE ({'multivariate, ' if s.multivariate else ''}{s.n_startup_trials} random trials first)"
+    return s.kind
+
+
+def _pruner_words(spec: StudySpec) -> str:
+    p = spec.pruner
+    if p.kind in ("hyperband", "successive_halving"):
+        return f"{p.kind.replace('_', ' ')} on epochs (at least {p.min_resource} epoch(s) per trial, keeps 1/{p.reduction_factor} per rung)"
+    if p.kind == "median":
+        return f"median (never in the first {p.n_startup_trials} trials nor before epoch {p.n_warmup_steps + 1})"
+    return "none (every trial trains all its epochs)"
+
+
+def study_note(spec: StudySpec, split_hash: str, counts: tuple[int, int] | None = None) -> str:
+    """The study's note in Markdown: what is measured, the spec, the data split and the search space in words."""
+    d = spec.data
+    try:
+        space = search_space_words(spec.search_space)
+        rows = "\n".join(f"| `{n}` | {w}{' (only for some choices above)' if cond else ''} |" for n, w, cond in space)
+        space_text = f"| parameter | range |\n|---|---|\n{rows}"
+    except Exception as e:  # a search space that does more than suggest: say so, never fail the run for a note
+        space_text = f"(could not be described: {type(e).__name__}; see `search_spaces/{spec.search_space}.py`)"
+    images = f": {counts[0]:,} training / {counts[1]:,} validation images" if counts else ""
+    subset = f", stratified subset of {d.subset:,} training images" if d.subset else ""
+    return f"""## {spec.name}: {spec.model}
+
+{spec.description.strip()}
+
+**Metric `{METRIC}`**: accuracy on the validation split (fraction 0..1) after each epoch; the trial's value is its last
+epoch's. Maximized. The test split is never used by a trial.
+
+**Spec**: model `{spec.model}`, search space `{spec.search_space}` (`search_spaces/{spec.search_space}.py`), {spec.epochs} epochs
+per trial, {spec.trials} finished trials wanted, sampler {_sampler_words(spec)}, pruner {_pruner_words(spec)}, seed {spec.seed}.
+
+**Data split**: `{d.source}`{subset}; {100 * d.val_fraction:g} % of the training images held out for validation,
+stratified, split seed {d.split_seed}{images}. Split hash `{split_hash}` (every trial records it).
+
+**Search space**:
+
+{space_text}
+
+**Each trial's page**: its parameters, `{METRIC}` per epoch (intermediate values), its learning curve as an image artifact
+(`trial-N-curve.png`; loss and accuracy per epoch, pruned trials too), and for the best three a checkpoint artifact.
+User attributes hold images/s, peak memory, parameter count, device and library versions.
+"""
+
+
+def describe_study(study: optuna.Study, spec: StudySpec, split_hash: str, counts: tuple[int, int] | None = None) -> None:
+    """Name the metric and write the study note (only when the study has none yet)."""
+    from cifar_hpo.storage import quiet_experimental
+
+    with quiet_experimental():  # metric names are experimental in Optuna
+        if study.metric_names != [METRIC]:
+            study.set_metric_names([METRIC])
+    try:
+        import optuna_dashboard
+    except ImportError:  # the dashboard is a dependency, but a study must never fail for a note
+        return
+    if not optuna_dashboard.get_note(study):
+        optuna_dashboard.save_note(study, study_note(spec, split_hash, counts))
