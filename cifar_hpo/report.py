@@ -115,7 +115,7 @@ def _best_value(study: optuna.Study | None) -> float | None:
 
 def _params_text(final: dict[str, Any]) -> str:
     if final["default_params"]:
-        return f"defaults() of search space {final['spec']['search_space']}"
+        return f"default {final['spec'].get('recipe', 'cpu')} recipe of {final['spec']['model']}"
     items = sorted(final["optuna_params"].items())
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in items)
 
