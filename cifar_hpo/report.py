@@ -47,6 +47,7 @@ from optuna.trial import TrialState
 from cifar_hpo import checkpoint, storage
 from cifar_hpo.errors import UserError
 from cifar_hpo.final import FINAL_NAME, load_final
+from cifar_hpo.plots import pyplot as _plt  # the one matplotlib setup
 
 BASELINE = "baseline"  # study whose final model is the reference
 MIN_TRIALS_FOR_IMPORTANCE = 2  # complete trials
@@ -277,15 +278,6 @@ def intermediate_data(study: optuna.Study) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- drawing
-
-
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _save(fig: Any, path: Path) -> Path:

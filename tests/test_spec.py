@@ -137,3 +137,27 @@ def test_bundled_folders_ship_inside_the_package(tmp_path: Path) -> None:
     packages = {p.name for p in (root / "cifar_hpo").iterdir() if (p / "__init__.py").is_file()}
     assert {f"cifar_hpo.{p}" for p in packages} <= set(tool["packages"])  # e.g. cifar_hpo.bench
     assert load_search_space("fast").__name__ == "cifar_hpo.search_spaces.fast"
+
+
+def test_bundled_folders_come_from_the_package_outside_a_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.resources
+
+    from cifar_hpo import spec
+
+    site = tmp_path / "site-packages"  # an installed wheel: no pyproject.toml beside the package
+    (site / "cifar_hpo" / "studies").mkdir(parents=True)
+    monkeypatch.setattr(importlib.resources, "files", lambda name: site / "cifar_hpo")
+    assert spec.bundled("studies") == site / "cifar_hpo" / "studies"
+    checkout = tmp_path / "repo"  # a source checkout: its top-level folders win
+    (checkout / "cifar_hpo").mkdir(parents=True)
+    (checkout / "studies").mkdir()
+    (checkout / "pyproject.toml").write_text("")
+    monkeypatch.setattr(importlib.resources, "files", lambda name: checkout / "cifar_hpo")
+    assert spec.bundled("studies") == checkout / "studies"
+
+
+def test_studies_command_refuses_an_empty_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # An empty listing with exit 0 is how a wheel without its study files looked.
+    assert cli.main(["studies", "--dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no study files" in err and str(tmp_path) in err
