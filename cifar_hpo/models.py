@@ -519,4 +519,5 @@ def default_params(model_name: str, device: str | torch.device | None = None) ->
     Raises:
         UserError: unknown model (the message lists the valid ones).
     """
-    return get(model_name).recipes[device_kind(device)]
+    recipe = get(model_name).recipes[device_kind(device)]
+    return recipe.replace(arch=dict(recipe.arch))  # a caller editing its arch dict must not edit the registry
