@@ -37,6 +37,7 @@ from cifar_hpo.errors import UserError
 if TYPE_CHECKING:
     from cifar_hpo.params import TrialParams
 
+
 def bundled(folder: str) -> Path:
     """The bundled ``studies`` or ``search_spaces`` folder.
 
