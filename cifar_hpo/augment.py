@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from cifar_hpo.data import DeviceData
+from cifar_hpo.params import AUG_OPS as OPS  # the op names live with TrialParams, which imports no torch
 
-OPS = ("translate", "flip", "rotate", "cutout")
 MAX_SHIFT_PX = 4  # translate at strength 1
 MAX_DEGREES = 30.0  # rotate at strength 1
 MAX_CUTOUT_PX = 12  # cutout side at strength 1

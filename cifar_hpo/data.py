@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cifar_hpo.device import cpu_threads
 from cifar_hpo.errors import UserError
 
 if TYPE_CHECKING:  # torch is imported lazily: decoding workers must start fast
@@ -552,7 +553,7 @@ def _decode_all(items: list[Item], progress: bool, what: str) -> np.ndarray:
     # One core stays with the parent, which reads the files and collects results.
     # On 2 cores, 2 worker processes were slower than none (30,000 JPEGs: 4.2 s
     # vs 2.8-3.5 s): the parent's reading and pickling compete for the same cores.
-    workers = min(_cores() - 1, 8)
+    workers = min(cpu_threads() - 1, 8)
     if workers < 3 or len(items) < PARALLEL_MIN_IMAGES:
         for start in range(0, len(items), 500):
             out[start : start + 500] = _decode_chunk(items[start : start + 500])
@@ -740,13 +741,6 @@ def _stratified_take(y: np.ndarray, pool: np.ndarray, n: int, rng: np.random.Gen
     quota[order[: n - int(quota.sum())]] += 1
     taken = [rng.permutation(pool[labels == c])[:q] for c, q in zip(classes, quota, strict=True)]
     return np.sort(np.concatenate(taken)) if taken else np.empty(0, dtype=np.int64)
-
-
-def _cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _first_line(e: BaseException) -> str:

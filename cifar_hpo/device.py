@@ -1,12 +1,18 @@
-"""Resolve ``--device auto|cpu|cuda[:N]`` to a ``torch.device``."""
+"""Resolve ``--device auto|cpu|cuda[:N]`` to a ``torch.device``; count the usable CPU cores.
+
+torch is imported inside `resolve_device`, so data.py (decoding worker
+processes) can use `cpu_threads` without loading torch.
+"""
 
 from __future__ import annotations
 
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from cifar_hpo.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -15,6 +21,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     Raises:
         UserError: the name is malformed or names a GPU that is not there.
     """
+    import torch
+
     name = (name or "auto").strip().lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from cifar_hpo import data
+from cifar_hpo.plots import pyplot as _pyplot  # the one matplotlib setup
 
 STRENGTHS = (0.0, 0.25, 0.5, 1.0)
 
@@ -147,15 +148,6 @@ def draw_counts(counts: dict[str, Any], path: Path) -> Path:
 def _write_json(counts: dict[str, Any], path: Path) -> Path:
     path.write_text(json.dumps(counts, indent=2) + "\n")
     return path
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _save(fig: Any, path: Path) -> Path:

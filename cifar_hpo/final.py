@@ -6,10 +6,12 @@
     cifar-hpo retrain --study fast --epochs 2 --subset 2000     # a quick look
 
 The trial's parameters are replayed through the study's search space
-(``suggest(FixedTrial(trial.params))``) and checked against the
-``trial_params`` the trial stored. With ``--default-params`` the search
-space's ``defaults()`` are trained instead (no trial needed): that is how the
-baseline, the original handcrafted CNN with its published recipe, is made.
+(``suggest(FixedTrial(trial.params), recipe)``) and checked against the
+``trial_params`` the trial stored. With ``--default-params`` the model's
+default recipe (``spec.default_recipe``: the registry's recipe for the study's
+``recipe`` kind, the one ``cifar-hpo train`` uses) is trained instead (no trial
+needed): that is how the baseline, the original handcrafted CNN with its
+published recipe, is made.
 
 Protocol: the model trains on the union of the study's training and
 validation images (``data.final_data``) for the study's full epoch budget
@@ -60,7 +62,7 @@ from cifar_hpo import checkpoint, storage
 from cifar_hpo.errors import UserError
 from cifar_hpo.objective import device_name, library_versions, suggest_params
 from cifar_hpo.params import TrialParams
-from cifar_hpo.spec import DataSpec, StudySpec, load_search_space, load_spec
+from cifar_hpo.spec import DataSpec, StudySpec, default_recipe, load_spec
 
 if TYPE_CHECKING:
     from cifar_hpo.data import DeviceData
@@ -88,7 +90,7 @@ class Source:
     Attributes:
         study: study name (the study file's ``name``).
         trial: trial number, or None for ``--default-params``.
-        default_params: the search space's ``defaults()`` were used.
+        default_params: the model's default recipe was used (no trial).
         params: what is trained.
         optuna_params: the trial's Optuna parameters (empty for defaults).
         trial_value: the trial's validation accuracy (None for defaults).
@@ -197,17 +199,12 @@ def replay_params(spec: StudySpec, trial: optuna.trial.FrozenTrial) -> TrialPara
 
 
 def resolve_source(spec: StudySpec, args: argparse.Namespace, url: str) -> Source:
-    """Pick the parameters to retrain: a trial of the study, or the search space's defaults."""
+    """Pick the parameters to retrain: a trial of the study, or the model's default recipe (`spec.default_recipe`)."""
     default = bool(getattr(args, "default_params", False))
     if default:
         if args.trial is not None:
             raise UserError("--trial and --default-params exclude each other: pass one of them")
-        module = load_search_space(spec.search_space)
-        if not callable(getattr(module, "defaults", None)):
-            raise UserError(f"search_spaces/{spec.search_space}.py has no defaults(); add one returning TrialParams")
-        params = module.defaults()
-        if not isinstance(params, TrialParams):
-            raise UserError(f"search_spaces/{spec.search_space}.py defaults() must return TrialParams")
+        params = default_recipe(spec)
         study = _study_if_present(spec.name, url)
         best = _best_value(study) if study is not None else None
         attrs = study.user_attrs if study is not None else {}

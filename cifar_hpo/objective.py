@@ -28,7 +28,7 @@ import torch
 
 from cifar_hpo import checkpoint, storage
 from cifar_hpo.params import TrialParams
-from cifar_hpo.spec import StudySpec, load_search_space
+from cifar_hpo.spec import StudySpec, default_recipe, load_search_space
 
 KEEP_BEST = 3  # completed trials whose checkpoints are kept; the rest are deleted
 
@@ -94,7 +94,7 @@ def finished_count(study: optuna.Study) -> int:
 
 def suggest_params(spec: StudySpec, trial: optuna.trial.BaseTrial) -> TrialParams:
     """Run the study's search space on ``trial``; check it returned TrialParams."""
-    params = load_search_space(spec.search_space).suggest(trial)
+    params = load_search_space(spec.search_space).suggest(trial, default_recipe(spec))
     if not isinstance(params, TrialParams):
         raise TypeError(f"search_spaces/{spec.search_space}.py suggest() returned {type(params).__name__}, not TrialParams")
     if params.model != spec.model:

@@ -16,7 +16,7 @@ from cifar_hpo.errors import UserError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("onecycle", "cosine", "constant")
-AUG_OPS = ("translate", "flip", "rotate", "cutout")
+AUG_OPS = ("translate", "flip", "rotate", "cutout")  # implemented in augment.py (augment.OPS is this tuple)
 PRECISIONS = ("auto", "fp32", "bf16")
 
 

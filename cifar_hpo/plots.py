@@ -1,4 +1,8 @@
-"""Small matplotlib drawings shared by trials and the report (Agg backend, PNG)."""
+"""The one matplotlib setup (`pyplot`: Agg backend, PNG files) and the drawings trials share.
+
+report.py and explore.py draw through `pyplot` too. matplotlib is imported on
+first use, so commands that draw nothing never load it.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend: files only, no display needed (servers, CI)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def learning_curve(epochs: Sequence[dict[str, Any]], path: Path, *, title: str) -> Path:
     """Validation accuracy (and losses where known) per epoch, written to ``path``."""
+    plt = pyplot()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
     xs = [e["epoch"] for e in epochs]

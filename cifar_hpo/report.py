@@ -53,6 +53,7 @@ from optuna.trial import TrialState
 from cifar_hpo import checkpoint, storage
 from cifar_hpo.errors import UserError
 from cifar_hpo.final import FINAL_NAME, load_final
+from cifar_hpo.plots import pyplot as _plt  # the one matplotlib setup
 
 BASELINE = "baseline"  # study whose final model is the reference
 MIN_TRIALS_FOR_IMPORTANCE = 2  # complete trials
@@ -121,7 +122,7 @@ def _best_value(study: optuna.Study | None) -> float | None:
 
 def _params_text(final: dict[str, Any]) -> str:
     if final["default_params"]:
-        return f"defaults() of search space {final['spec']['search_space']}"
+        return f"default {final['spec'].get('recipe', 'cpu')} recipe of {final['spec']['model']}"
     items = sorted(final["optuna_params"].items())
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in items)
 
@@ -328,15 +329,6 @@ def provenance_data(finals: list[tuple[Path, dict[str, Any]]]) -> list[dict[str,
 
 
 # ---------------------------------------------------------------- drawing
-
-
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _save(fig: Any, path: Path) -> Path:

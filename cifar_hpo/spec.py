@@ -7,7 +7,14 @@
 A study file names its model, search space, epochs per trial, trial count,
 sampler, pruner, seed and data. Unknown keys and bad values are rejected with
 the file and key named. The name of the study in the database is the file's
-stem unless the file sets ``name``.
+stem unless the file sets ``name``. ``recipe = "cpu"`` (default) or ``"gpu"``
+picks the model's default recipe (`models.Model.recipes`) that the search space
+searches around and ``retrain --default-params`` trains: it is part of the
+study, so every worker and every replay search the same space on any machine.
+
+The bundled study files and search spaces are the repository's ``studies/`` and
+``search_spaces/`` folders; an installed wheel holds them as the package
+resources ``cifar_hpo/studies`` and ``cifar_hpo.search_spaces`` (see `bundled`).
 """
 
 from __future__ import annotations
@@ -15,15 +22,40 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import importlib.resources
+import importlib.util
 import json
+import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from cifar_hpo.errors import UserError
 
-STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
+if TYPE_CHECKING:
+    from cifar_hpo.params import TrialParams
+
+
+def bundled(folder: str) -> Path:
+    """The bundled ``studies`` or ``search_spaces`` folder.
+
+    In a source checkout (editable install, or the checkout on ``PYTHONPATH``) these
+    are the repository's top-level folders beside the package, where people edit
+    them; installed from a wheel they are resources inside the package
+    (pyproject.toml maps them there). The checkout wins where both exist, so the
+    code that runs is the code beside it.
+    """
+    package = Path(str(importlib.resources.files("cifar_hpo")))
+    checkout = package.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / folder).is_dir():
+        return checkout / folder
+    return package / folder
+
+
+STUDIES_DIR = bundled("studies")
+SEARCH_SPACES = "cifar_hpo.search_spaces"  # the package search_space names live in
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("hyperband", "successive_halving", "median", "none")
 
@@ -66,6 +98,7 @@ class StudySpec:
     description: str
     model: str
     search_space: str  # module in search_spaces/
+    recipe: str  # the model's default recipe searched around: "cpu" or "gpu" (models.DEVICE_KINDS)
     epochs: int  # per trial, the pruner's max resource
     trials: int  # finished (complete + pruned) trials the study ends with
     seed: int
@@ -144,6 +177,7 @@ TOP_KEYS = {
     "description": str,
     "model": str,
     "search_space": str,
+    "recipe": str,
     "epochs": int,
     "trials": int,
     "seed": int,
@@ -173,6 +207,7 @@ def parse_spec(raw: dict[str, Any], path: Path) -> StudySpec:
         description=raw.get("description", ""),
         model=raw["model"],
         search_space=raw["search_space"],
+        recipe=raw.get("recipe", "cpu"),
         epochs=raw["epochs"],
         trials=raw["trials"],
         seed=raw.get("seed", 0),
@@ -187,9 +222,10 @@ def parse_spec(raw: dict[str, Any], path: Path) -> StudySpec:
 
 
 def _validate(spec: StudySpec, where: str) -> None:
-    from cifar_hpo.models import MODELS  # torch import only when a spec is validated
+    from cifar_hpo.models import DEVICE_KINDS, MODELS  # torch import only when a spec is validated
 
     _check(spec.model in MODELS, where, "model", f"{spec.model!r} is unknown; valid: {', '.join(MODELS)}")
+    _check(spec.recipe in DEVICE_KINDS, where, "recipe", f"must be one of {', '.join(DEVICE_KINDS)}, got {spec.recipe!r}")
     _check(spec.epochs >= 1, where, "epochs", f"must be >= 1, got {spec.epochs}")
     _check(spec.trials >= 1, where, "trials", f"must be >= 1, got {spec.trials}")
     _check(spec.direction == "maximize", where, "direction", "must be 'maximize' (the score is validation accuracy)")
@@ -202,22 +238,53 @@ def _validate(spec: StudySpec, where: str) -> None:
     load_search_space(spec.search_space, where=f"{where}: search_space")
 
 
+def _search_spaces_package() -> ModuleType:
+    """Import ``cifar_hpo.search_spaces`` from `bundled` ("search_spaces"), once per process."""
+    if SEARCH_SPACES in sys.modules:
+        return sys.modules[SEARCH_SPACES]
+    folder = bundled("search_spaces")
+    spec = importlib.util.spec_from_file_location(SEARCH_SPACES, folder / "__init__.py", submodule_search_locations=[str(folder)])
+    if spec is None or spec.loader is None or not (folder / "__init__.py").is_file():
+        raise UserError(f"the bundled search spaces are missing ({folder}); reinstall cifar-hpo")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[SEARCH_SPACES] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def search_space_names() -> list[str]:
+    """The bundled search spaces (modules of `bundled` ("search_spaces") not starting with ``_``)."""
+    return sorted(p.stem for p in bundled("search_spaces").glob("*.py") if not p.stem.startswith("_"))
+
+
 def load_search_space(name: str, *, where: str = "search space") -> Any:
-    """Import ``search_spaces.<name>`` and check it has ``suggest(trial)``."""
-    valid = sorted(p.stem for p in (STUDIES_DIR.parent / "search_spaces").glob("*.py") if not p.stem.startswith("_"))
+    """Import ``cifar_hpo.search_spaces.<name>`` and check it has ``suggest(trial, recipe)``."""
+    valid = search_space_names()
     if not name.isidentifier():
         raise UserError(f"{where} {name!r} is not a module name; valid: {', '.join(valid)}")
+    _search_spaces_package()
     try:
-        module = importlib.import_module(f"search_spaces.{name}")
+        module = importlib.import_module(f"{SEARCH_SPACES}.{name}")
     except ModuleNotFoundError as e:
-        if e.name == f"search_spaces.{name}":
+        if e.name == f"{SEARCH_SPACES}.{name}":
             raise UserError(f"{where} {name!r} not found; valid: {', '.join(valid)}") from None
         raise UserError(f"{where} {name!r} cannot be imported: {e}") from None
     except Exception as e:
         raise UserError(f"{where} {name!r} cannot be imported ({type(e).__name__}: {e}); fix search_spaces/{name}.py") from None
     if not callable(getattr(module, "suggest", None)):
-        raise UserError(f"{where} {name!r}: search_spaces/{name}.py must define suggest(trial) -> TrialParams")
+        raise UserError(f"{where} {name!r}: search_spaces/{name}.py must define suggest(trial, recipe) -> TrialParams")
     return module
+
+
+def default_recipe(spec: StudySpec) -> TrialParams:
+    """The study model's default recipe for the study's ``recipe`` kind (`models.default_params`).
+
+    The search space searches around it (``suggest(trial, recipe)``) and
+    ``retrain --default-params`` trains it.
+    """
+    from cifar_hpo.models import default_params
+
+    return default_params(spec.model, spec.recipe)
 
 
 def resolve_path(name_or_path: str, studies_dir: Path | None = None) -> Path:
@@ -267,9 +334,13 @@ def save_resolved(spec: StudySpec, folder: Path) -> Path:
 
 
 def main_list(args: argparse.Namespace) -> int:
-    """``cifar-hpo studies``: one line per study file."""
-    specs = list_specs(args.dir)
-    width = max((len(s.name) for s in specs), default=4)
+    """``cifar-hpo studies``: one line per study file (name, model, recipe kind, budget, description)."""
+    folder = args.dir or STUDIES_DIR
+    specs = list_specs(folder)
+    if not specs:
+        # An empty listing that exits 0 hid a broken install (bundled files not shipped).
+        raise UserError(f"no study files (*.toml) in {folder}; pass --dir with a folder of study files")
+    width = max(len(s.name) for s in specs)
     for s in specs:
-        print(f"{s.name:<{width}}  {s.model:<12} {s.epochs:>3} epochs x {s.trials:>3} trials  {s.description}")
+        print(f"{s.name:<{width}}  {s.model:<12} {s.recipe:<3} {s.epochs:>3} epochs x {s.trials:>3} trials  {s.description}")
     return 0

@@ -5,16 +5,11 @@ from __future__ import annotations
 import optuna
 
 from cifar_hpo.params import TrialParams
-from search_spaces._common import suggest_training
+from cifar_hpo.search_spaces._common import suggest_training
 
 
-def defaults() -> TrialParams:
-    """A plain two-hidden-layer MLP with Adam."""
-    return TrialParams(model="mlp", optimizer="adam", lr=1e-3, batch_size=128, arch={"hidden": 512, "depth": 2})
-
-
-def suggest(trial: optuna.trial.BaseTrial) -> TrialParams:
-    """Width and depth of the MLP, dropout, and the shared training choices."""
+def suggest(trial: optuna.trial.BaseTrial, recipe: TrialParams) -> TrialParams:
+    """Width and depth of the MLP, dropout, and the shared training choices (not around ``recipe``)."""
     arch = {
         "hidden": trial.suggest_categorical("hidden", [256, 512, 1024, 2048]),
         "depth": trial.suggest_int("depth", 1, 4),

@@ -5,14 +5,9 @@ from __future__ import annotations
 import optuna
 
 from cifar_hpo.params import TrialParams
-from search_spaces.pretrained import defaults_for, suggest_for
+from cifar_hpo.search_spaces.pretrained import suggest_for
 
 
-def defaults() -> TrialParams:
-    """The original project's frozen-backbone ResNet18 recipe."""
-    return defaults_for("resnet18")
-
-
-def suggest(trial: optuna.trial.BaseTrial) -> TrialParams:
-    """Search fine-tuning of ResNet18."""
+def suggest(trial: optuna.trial.BaseTrial, recipe: TrialParams) -> TrialParams:
+    """Search fine-tuning of ResNet18 from its ImageNet weights (not around recipe, which trains from scratch)."""
     return suggest_for(trial, "resnet18")

@@ -232,7 +232,7 @@ def test_failed_cache_write_leaves_no_temp_file(image_folder: Path, tmp_path: Pa
 def test_parallel_decoding_matches_serial(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     serial = load(image_folder, tmp_path / "s")
     monkeypatch.setattr(data, "PARALLEL_MIN_IMAGES", 0)
-    monkeypatch.setattr(data, "_cores", lambda: 4)
+    monkeypatch.setattr(data, "cpu_threads", lambda: 4)
     parallel = load(image_folder, tmp_path / "p")
     np.testing.assert_array_equal(serial.train_x, parallel.train_x)
     np.testing.assert_array_equal(serial.test_x, parallel.test_x)

@@ -164,7 +164,7 @@ def test_partial_with_other_classes_is_refused(env: SimpleNamespace, tmp_path: P
 
 
 def test_default_params_make_the_baseline_without_a_study(env: SimpleNamespace, tmp_path: Path) -> None:
-    from search_spaces import baseline
+    from cifar_hpo.models import default_params
 
     base_file = tmp_path / "baseline.toml"
     base_file.write_text(study_toml(epochs=2, trials=2))
@@ -176,18 +176,18 @@ def test_default_params_make_the_baseline_without_a_study(env: SimpleNamespace, 
     assert not (tmp_path / "absent.db").exists()  # no database created
     f = checkpoint.load(results / "baseline" / "final.pt")
     assert f["default_params"] is True and f["trial"] is None and f["best_value"] is None
-    assert TrialParams.from_dict(f["params"]) == baseline.defaults()
+    assert TrialParams.from_dict(f["params"]) == default_params("baseline_cnn", "cpu")
 
 
 def test_default_params_of_a_study_use_its_data(env: SimpleNamespace, tmp_path: Path) -> None:
-    from search_spaces import baseline
+    from cifar_hpo.models import default_params
 
     assert _retrain(env, tmp_path / "res", "--default-params", "--epochs", "1") == 0  # no --data: the study's
     f = checkpoint.load(tmp_path / "res" / "tiny" / "final.pt")
     assert f["default_params"] is True and f["trial"] is None
     assert f["split_hash"] == _study(env).user_attrs["split_hash"]
     assert f["best_value"] == _study(env).best_value
-    assert TrialParams.from_dict(f["params"]) == baseline.defaults()
+    assert TrialParams.from_dict(f["params"]) == default_params("baseline_cnn", "cpu")
 
 
 @pytest.fixture(scope="module")

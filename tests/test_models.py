@@ -57,10 +57,41 @@ def test_unknown_model_lists_valid_names() -> None:
 
 
 @pytest.mark.parametrize("name", list(models.MODELS))
-def test_default_params_build(name: str) -> None:
-    params = models.default_params(name)
-    assert params.model == name
-    assert models.build(params, 10)(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+def test_registry_entry_is_complete_and_consistent(name: str) -> None:
+    """Walk one registry entry: every recipe builds, runs and is its own; stages cover the network."""
+    entry = models.MODELS[name]
+    assert set(entry.recipes) == set(models.DEVICE_KINDS)
+    for kind, recipe in entry.recipes.items():
+        assert recipe.model == name, f"{name} {kind} recipe belongs to {recipe.model}"
+        assert set(recipe.arch) <= entry.arch_keys
+        assert models.default_params(name, kind) == recipe
+        torch.manual_seed(0)
+        net = models.build(recipe, 10)
+        for mode in (True, False):
+            out = net.train(mode)(torch.randn(2, 3, 32, 32))
+            assert out.shape == (2, 10) and torch.isfinite(out).all()
+    if not entry.stages:
+        return
+    # Fine-tune depth d trains the first d stages: each stage holds parameters of its own,
+    # the last one is the stem, and depth len(stages) trains every backbone parameter.
+    net = models.build(entry.recipes["cpu"].replace(arch={}), 10).net  # type: ignore[union-attr]
+    head = [h for h in ("fc", "classifier") if hasattr(net, h)]
+    trained = []
+    for depth in range(len(entry.stages) + 1):
+        models._freeze(net, entry.stages, depth, head)
+        trained.append(sum(p.numel() for p in net.parameters() if p.requires_grad))
+    assert all(a < b for a, b in zip(trained, trained[1:], strict=False)), trained
+    assert trained[-1] == sum(p.numel() for p in net.parameters())
+    assert any("conv" in part for part in entry.stages[-1])
+
+
+def test_default_recipe_follows_the_device_kind() -> None:
+    assert models.default_params("fast_cnn", torch.device("cpu")) == models.MODELS["fast_cnn"].recipes["cpu"]
+    assert models.default_params("fast_cnn", "cuda") == models.MODELS["fast_cnn"].recipes["gpu"]
+    assert models.default_params("fast_cnn") == models.MODELS["fast_cnn"].recipes["cpu"]
+    assert models.default_params("fast_cnn", "gpu").arch["width"] == 1.0
+    with pytest.raises(UserError, match="valid models: baseline_cnn, mlp, resnet18, densenet121, fast_cnn"):
+        models.get("vgg99")
 
 
 def test_fast_cnn_width_and_whitening() -> None:
@@ -226,9 +257,8 @@ def test_frozen_batchnorm_statistics_do_not_move(torch_home: Path, monkeypatch: 
 
 def test_unknown_arch_option_is_refused() -> None:
     from cifar_hpo.errors import UserError
-    from cifar_hpo.models import ARCH_KEYS, MODELS, build
+    from cifar_hpo.models import build
     from cifar_hpo.params import TrialParams
 
-    assert set(ARCH_KEYS) == set(MODELS)
     with pytest.raises(UserError, match="unknown arch option.*width; valid: depth, hidden, image_size"):
         build(TrialParams(model="mlp", arch={"width": 512}), 10)

@@ -10,7 +10,7 @@ import pytest
 from cifar_hpo import cli
 from cifar_hpo.errors import UserError
 from cifar_hpo.params import TrialParams
-from cifar_hpo.spec import STUDIES_DIR, list_specs, load_search_space, load_spec
+from cifar_hpo.spec import STUDIES_DIR, default_recipe, list_specs, load_search_space, load_spec
 
 GOOD = """
 model = "baseline_cnn"
@@ -36,11 +36,10 @@ def test_search_space_replays_with_fixed_trial(path: Path) -> None:
     module = load_search_space(spec.search_space)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=1))
     trial = study.ask()
-    params = module.suggest(trial)
+    params = module.suggest(trial, default_recipe(spec))
     assert isinstance(params, TrialParams) and params.model == spec.model
-    replay = module.suggest(optuna.trial.FixedTrial(trial.params))
+    replay = module.suggest(optuna.trial.FixedTrial(trial.params), default_recipe(spec))
     assert replay == params
-    assert isinstance(module.defaults(), TrialParams)
 
 
 def test_user_file_by_path(tmp_path: Path) -> None:
@@ -96,3 +95,69 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
             parser.parse_args([*name.split(), "--help"])
         assert e.value.code == 0
         assert "usage: cifar-hpo" in capsys.readouterr().out
+
+
+def test_recipe_is_chosen_by_the_study_file_not_the_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    fast = load_spec("fast")
+    assert fast.recipe == "cpu"
+    gpu_file = tmp_path / "fast_gpu.toml"
+    gpu_file.write_text((STUDIES_DIR / "fast.toml").read_text().replace('recipe = "cpu"', 'recipe = "gpu"'))
+    gpu = load_spec(str(gpu_file))
+    assert gpu.recipe == "gpu" and gpu.to_dict()["recipe"] == "gpu"  # recorded with the study
+    module = load_search_space("fast")
+    fixed = {"lr": 0.5, "batch_size": 256, "weight_decay": 1e-4, "label_smoothing": 0.1, "aug_strength": 0.5, "warmup_frac": 0.1}
+    seen = []
+    for cuda in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        seen.append((module.suggest(optuna.trial.FixedTrial(fixed), default_recipe(fast)),
+                     module.suggest(optuna.trial.FixedTrial(fixed), default_recipe(gpu))))  # fmt: skip
+    assert seen[0] == seen[1]  # the same space on a CPU-only and a CUDA machine
+    cpu_params, gpu_params = seen[0]
+    assert cpu_params.arch == {"width": 0.5, "stem_stride": 2} and gpu_params.arch == {"width": 1.0, "stem_stride": 1}
+
+
+def test_bad_recipe_names_the_choices(tmp_path: Path) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text('recipe = "tpu"\n' + GOOD)
+    with pytest.raises(UserError, match=r"bad.toml: recipe must be one of cpu, gpu, got 'tpu'"):
+        load_spec(str(f))
+
+
+def test_bundled_folders_ship_inside_the_package(tmp_path: Path) -> None:
+    """pyproject.toml maps studies/ and search_spaces/ into the package; none is a top-level package."""
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    tool = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert tool["package-dir"] == {"cifar_hpo.studies": "studies", "cifar_hpo.search_spaces": "search_spaces"}
+    assert "*.toml" in tool["package-data"]["cifar_hpo.studies"]
+    assert all(p.startswith("cifar_hpo") for p in tool["packages"])
+    packages = {p.name for p in (root / "cifar_hpo").iterdir() if (p / "__init__.py").is_file()}
+    assert {f"cifar_hpo.{p}" for p in packages} <= set(tool["packages"])  # e.g. cifar_hpo.bench
+    assert load_search_space("fast").__name__ == "cifar_hpo.search_spaces.fast"
+
+
+def test_bundled_folders_come_from_the_package_outside_a_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.resources
+
+    from cifar_hpo import spec
+
+    site = tmp_path / "site-packages"  # an installed wheel: no pyproject.toml beside the package
+    (site / "cifar_hpo" / "studies").mkdir(parents=True)
+    monkeypatch.setattr(importlib.resources, "files", lambda name: site / "cifar_hpo")
+    assert spec.bundled("studies") == site / "cifar_hpo" / "studies"
+    checkout = tmp_path / "repo"  # a source checkout: its top-level folders win
+    (checkout / "cifar_hpo").mkdir(parents=True)
+    (checkout / "studies").mkdir()
+    (checkout / "pyproject.toml").write_text("")
+    monkeypatch.setattr(importlib.resources, "files", lambda name: checkout / "cifar_hpo")
+    assert spec.bundled("studies") == checkout / "studies"
+
+
+def test_studies_command_refuses_an_empty_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # An empty listing with exit 0 is how a wheel without its study files looked.
+    assert cli.main(["studies", "--dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no study files" in err and str(tmp_path) in err

@@ -24,11 +24,11 @@ WARMUP_STEPS = 3  # first steps pay for allocator growth and oneDNN/cuDNN kernel
 
 def measure(name: str, device: torch.device, batch_size: int, steps: int, precision: str) -> float:
     """Training images/s of model ``name`` on ``device`` with synthetic batches."""
-    from cifar_hpo.models import ARCH_KEYS, build, default_params
+    from cifar_hpo.models import MODELS, build, default_params
     from cifar_hpo.train import _autocast, make_optimizer, use_channels_last
 
     base = default_params(name, device)
-    arch = {**base.arch, "upsample": 0} if "upsample" in ARCH_KEYS[name] else base.arch  # 32x32, no upsampling
+    arch = {**base.arch, "upsample": 0} if "upsample" in MODELS[name].arch_keys else base.arch  # 32x32, no upsampling
     params = base.replace(pretrained=False, precision=precision, arch=arch)
     torch.manual_seed(0)
     model = build(params, 10).to(device)
