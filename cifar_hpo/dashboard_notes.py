@@ -17,7 +17,7 @@ from typing import Any
 
 import optuna
 
-from cifar_hpo.spec import StudySpec, load_search_space
+from cifar_hpo.spec import StudySpec, default_recipe, load_search_space
 
 METRIC = "val_acc"  # what each trial returns and reports per epoch: accuracy on the validation split (0..1)
 MAX_PASSES = 8  # a search space is replayed once per choice of its widest categorical, up to this many times
@@ -60,15 +60,16 @@ class SpaceRecorder:
         return lambda *a, **k: None
 
 
-def search_space_words(module_name: str) -> list[tuple[str, str, bool]]:
-    """(parameter, range in words, conditional?) for every parameter ``search_spaces/<module_name>.py`` can suggest."""
-    module = load_search_space(module_name)
+def search_space_words(spec: StudySpec) -> list[tuple[str, str, bool]]:
+    """(parameter, range in words, conditional?) for every parameter the study's search space can suggest."""
+    module = load_search_space(spec.search_space)
+    recipe = default_recipe(spec)
     passes: list[dict[str, str]] = []
     rotation, widest = 0, 1
     while rotation < min(widest, MAX_PASSES):
         rec = SpaceRecorder(rotation=rotation)
         try:
-            module.suggest(rec)
+            module.suggest(rec, recipe)
         except Exception:  # noqa: S110 - the recorder's stand-in values may not build valid TrialParams; what it saw counts
             pass
         passes.append(rec.seen)
@@ -99,7 +100,7 @@ def study_note(spec: StudySpec, split_hash: str, counts: tuple[int, int] | None 
     """The study's note in Markdown: what is measured, the spec, the data split and the search space in words."""
     d = spec.data
     try:
-        space = search_space_words(spec.search_space)
+        space = search_space_words(spec)
         rows = "\n".join(f"| `{n}` | {w}{' (only for some choices above)' if cond else ''} |" for n, w, cond in space)
         space_text = f"| parameter | range |\n|---|---|\n{rows}"
     except Exception as e:  # a search space that does more than suggest: say so, never fail the run for a note

@@ -66,7 +66,8 @@ def test_a_note_edited_by_the_user_is_kept(env: SimpleNamespace, tmp_path: Path)
 
 
 def test_search_space_words_cover_conditional_branches() -> None:
-    words = {n: (w, cond) for n, w, cond in dashboard_notes.search_space_words("baseline")}
+    spec = load_spec("baseline")
+    words = {n: (w, cond) for n, w, cond in dashboard_notes.search_space_words(spec)}
     assert words["momentum"] == ("real number from 0.8 to 0.95 (uniform)", True)  # only when optimizer == sgd
     assert words["optimizer"][1] is False and words["batch_size"][0].startswith("one of `64`")
 
