@@ -59,6 +59,9 @@ class Context:
     snapshot_every_s: float = field(default_factory=_snapshot_every_s)
     started: float = field(default_factory=time.time)
     trial_seconds: list[float] = field(default_factory=list)
+    # Calls a database write once training is over; ``run.work`` retries it while the database is
+    # away, so a lost connection does not throw a trained trial's result away.
+    until_written: Callable[[Callable[[], Any]], Any] = field(default=lambda write: write())
 
     @property
     def trials_dir(self) -> Path:
@@ -153,14 +156,14 @@ def objective(trial: optuna.Trial, ctx: Context) -> float:
         try:
             history = train.train(model, ctx.data, params, epochs=ctx.spec.epochs, seed=seed, on_epoch=on_epoch, resume=resume)
         except optuna.TrialPruned:
-            _record(trial, ctx, started, None, best)
+            ctx.until_written(lambda: _record(trial, ctx, started, None, best))
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        _record(trial, ctx, started, history, best)
+        ctx.until_written(lambda: _record(trial, ctx, started, history, best))
         if history.status == "nonfinite":
             raise NonFiniteLoss(f"non-finite training loss in epoch {len(history.epochs) + 1}; lower lr or use fp32")
         value = float(history.best_val_acc)
-        _keep_checkpoint(trial, ctx, params, best, value)
+        ctx.until_written(lambda: _keep_checkpoint(trial, ctx, params, best, value))
         shutil.rmtree(folder, ignore_errors=True)
         return value
     except optuna.TrialPruned:
