@@ -20,6 +20,7 @@ import functools
 import os
 import signal
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,9 @@ def open_study(spec: StudySpec, url: str, split_hash: str, st: optuna.storages.R
     if existing is None:
         for key, value in {**wanted, "model": spec.model, "search_space": spec.search_space, "spec": spec.to_dict()}.items():
             study.set_user_attr(key, value)
+    if (existing is None or "uid" not in existing.user_attrs) and "uid" not in study.user_attrs:
+        # Tells this study from an earlier one of the same name (another database, a deleted one): its snapshots are its own.
+        study.set_user_attr("uid", uuid.uuid4().hex)
     return study
 
 

@@ -191,3 +191,62 @@ def test_a_finished_trial_keeps_its_value_while_the_database_is_away(tmp_path: P
     assert flaky.calls == 3
     assert [t.state for t in trials] == [TrialState.COMPLETE] and trials[0].value is not None
     assert trained == [0]  # trained once, its value written when the database was back
+
+
+def test_two_runs_started_together_on_a_fresh_database(tmp_path: Path, folder: Path) -> None:
+    """Issue 9, item 5: the second died on "table ... already exists", and both drew the same parameters."""
+    study_file = _study_file(tmp_path, epochs=1, trials=4)
+    cmd = _run_cmd(tmp_path, folder, study_file, 4)
+    # The data cache is decoded first, so that both runs reach the database at the same moment.
+    subprocess.run([sys.executable, "-m", "cifar_hpo.cli", "explore", "--data", str(folder), "--cache-dir", str(tmp_path / "cache"),
+                    "--out", str(tmp_path / "explore")], capture_output=True, timeout=300, check=True)  # fmt: skip
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n---\n".join(outs)
+    trials = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/db.sqlite3").get_trials()
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 4, "\n---\n".join(outs)
+    params = [tuple(sorted(t.params.items())) for t in trials if t.params]
+    assert len(params) == len(set(params)), params
+    seeds = {t.user_attrs.get("sampler_seed") for t in finished}
+    assert len(seeds) == 2 and None not in seeds  # one per process, recorded with every trial
+
+
+def test_concurrent_schema_creation_is_serialized(tmp_path: Path) -> None:
+    """Many processes opening one fresh SQLite file at once all succeed (the schema is created once)."""
+    url = f"sqlite:///{tmp_path}/fresh.db"
+    code = f"from cifar_hpo import storage; storage.open_storage({url!r}); print('ok')"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for _ in range(4)]  # fmt: skip
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 and out.strip().endswith("ok") for p, out in zip(procs, outs, strict=True)), outs
+
+
+def test_a_new_study_never_resumes_an_old_studys_snapshot(tmp_path: Path, folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 9, item 5: ``trials/0/last.pt`` left by an earlier database (another split) was resumed by a new trial 0."""
+    import argparse
+
+    import torch
+
+    from cifar_hpo import checkpoint, cli, models, objective, run, train
+    from cifar_hpo.spec import load_spec
+
+    params = models.default_params("baseline_cnn").replace(batch_size=16)
+    monkeypatch.setattr(objective, "suggest_params", lambda spec, trial: params)  # same params in both studies
+    study_file = _study_file(tmp_path, epochs=2, trials=1)
+    # The earlier study: another split (a subset), trained one epoch of trial 0, snapshot left behind.
+    old_spec = load_spec(str(study_file)).with_overrides(data=str(folder), subset=30)
+    data = run.load_data(old_spec, argparse.Namespace(device="cpu", cache_dir=tmp_path / "cache", data_dir=None))
+    snaps: list[dict] = []
+    torch.manual_seed(0)
+    train.train(models.build(params, data.num_classes), data, params, epochs=2,
+                on_epoch=lambda r, snapshot: snaps.append(snapshot()) if r.epoch == 1 else None)  # fmt: skip
+    last = tmp_path / "results" / "tiny" / "trials" / "0" / "last.pt"
+    checkpoint.save(snaps[0], last)
+
+    assert cli.main(_run_cmd(tmp_path, folder, study_file, 1)[3:]) == 0
+    t0 = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/db.sqlite3").get_trials()[0]
+    assert t0.state == TrialState.COMPLETE
+    assert "resumed_from_epoch" not in t0.user_attrs  # trained from scratch on this study's split
+    assert not last.exists()  # and the foreign snapshot was cleaned away
