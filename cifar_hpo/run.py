@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import logging
 import os
 import signal
 import time
@@ -29,12 +30,37 @@ import optuna
 from optuna.trial import TrialState
 
 from cifar_hpo import storage
+from cifar_hpo.checkpoint import remove_stale_tmp
 from cifar_hpo.errors import UserError
 from cifar_hpo.objective import Context, Interrupted, finished_count, objective
 from cifar_hpo.spec import StudySpec, load_spec, save_resolved
 
 MAX_FAILS_IN_ROW = 5
 POLL_S = 5.0  # how often a worker waiting on others' running trials looks again
+
+
+class _NoInterruptTraceback(logging.Filter):
+    """Drops Optuna's "Trial N failed ... because of Interrupted" traceback (about 25 lines) on SIGTERM or Ctrl-C.
+
+    The interrupted trial is re-queued on purpose (see ``objective``) and the run says so in one line.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.interrupted: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        message = record.getMessage()
+        number = message.split(" ", 2)[1] if message.startswith("Trial ") else ""
+        if isinstance(exc, KeyboardInterrupt):
+            self.interrupted.add(number)
+            return False
+        return not (number in self.interrupted and "failed with value" in message)
+
+
+_QUIET_INTERRUPTS = _NoInterruptTraceback()
+logging.getLogger("optuna.study._optimize").addFilter(_QUIET_INTERRUPTS)
 
 
 class SurplusTrial(RuntimeError):
@@ -586,11 +612,20 @@ def main(args: argparse.Namespace) -> int:
     spec = load_spec(args.study).with_overrides(epochs=args.epochs, trials=args.trials, data=args.data, subset=args.subset)
     results: Path = args.results
     url = storage.storage_url(args.storage, results)
-    # Opened once, failing fast on a bad URL before decoding data; every later step uses this one.
-    st = storage.open_storage(url)
+    # Opened once, failing fast on a bad URL before decoding data; every later step uses this one. A
+    # new SQLite file is only created once the data loaded: a run that fails on its data leaves none.
+    fresh = storage.missing_sqlite(url)
+    if fresh is None:
+        st = storage.open_storage(url)
+    else:
+        storage.check_creatable(fresh)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     data = load_data(spec, args)
+    if fresh is not None:
+        st = storage.open_storage(url)
     study = open_study(spec, url, data.split_hash, st)
+    for folder in (results / spec.name, storage.artifact_dir(url, results)):
+        remove_stale_tmp(folder)  # left by a writer that was killed mid-write
     save_resolved(spec, results / spec.name)
     done = finished_count(study)
     print(

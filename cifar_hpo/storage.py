@@ -253,7 +253,19 @@ class _HeartbeatFromStart(optuna.storages.RDBStorage):
                 .filter(models.TrialHeartbeatModel.trial_id.is_(None))
                 .all()
             )
-        return stale + [tid for tid, start in rows if start is not None and start < cutoff and tid not in stale]
+        orphans = [tid for tid, start in rows if start is not None and start < cutoff and tid not in stale]
+        marked = []
+        for tid in stale + orphans:
+            # Said before Optuna fails it (a finished trial's attributes cannot change), so that the FAIL
+            # has a reason in `status` and the dashboard instead of an empty one.
+            why = (f"stale: no heartbeat for {GRACE_PERIOD}s (its worker was killed, or lost the database); retried"
+                   if tid in stale else f"stale: no heartbeat at all in {ORPHAN_S:g}s since it started; retried")  # fmt: skip
+            try:
+                self.set_trial_user_attr(tid, "fail_reason", why)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # finished meanwhile: not stale after all
+            marked.append(tid)
+        return marked
 
     def record_heartbeat(self, trial_id: int) -> None:
         try:
@@ -279,9 +291,10 @@ def open_storage(url: str, *, heartbeat: bool = True) -> optuna.storages.RDBStor
     shown = mask_url(url)
     try:
         parsed = make_url(url)
-    except sqlalchemy.exc.ArgumentError:
+    except (sqlalchemy.exc.ArgumentError, ValueError) as e:  # ValueError: e.g. a port that is not a number
+        detail = f" ({e})" if isinstance(e, ValueError) else ""
         raise UserError(
-            f"storage URL {shown!r} is malformed; expected e.g. sqlite:///results/cifar_hpo.db or postgresql://user@host/db"
+            f"storage URL {shown!r} is malformed{detail}; expected e.g. sqlite:///results/cifar_hpo.db or postgresql://user@host:5432/db"
         ) from None
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}  # reconnect after a server restart
     if parsed.get_backend_name() == "sqlite":
@@ -321,8 +334,6 @@ def open_storage(url: str, *, heartbeat: bool = True) -> optuna.storages.RDBStor
         raise UserError(f"storage {shown} cannot be opened ({reason}); check the URL and that the server is running") from None
     except RuntimeError as e:  # e.g. schema version mismatch
         raise UserError(f"storage {shown}: {e}") from None
-    except ValueError as e:  # e.g. a port that is not a number: the driver parses it only now
-        raise UserError(f"storage URL {shown!r} is malformed ({e}); expected e.g. postgresql://user@host:5432/db") from None
 
 
 def ping(st: optuna.storages.RDBStorage) -> None:
@@ -340,12 +351,21 @@ def missing_sqlite(url: str) -> Path | None:
     """The SQLite file ``url`` names when it does not exist yet (readers must not create it), else None."""
     try:
         parsed = make_url(url)
-    except sqlalchemy.exc.ArgumentError:
-        return None
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        return None  # open_storage reports the malformed URL
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None
     path = Path(parsed.database)
     return None if path.is_file() else path
+
+
+def check_creatable(db: Path) -> None:
+    """Raise UserError unless an SQLite file could be created at ``db`` (checked without creating anything)."""
+    folder = db.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"storage {db}: cannot create it, {folder} is not a writable folder; pass another --storage or --results")
 
 
 def open_existing(url: str) -> optuna.storages.RDBStorage | None:
