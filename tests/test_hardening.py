@@ -218,3 +218,43 @@ def test_a_closed_pipe_is_not_a_traceback() -> None:
     proc.stdout.close()  # as `| head -1` does after its line
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) != 0 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+# ---------------------------------------------------------------- the database file itself
+
+
+def test_opening_storage_never_opens_the_database_file_outside_sqlite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Closing any descriptor of the file drops the process's SQLite locks (the root of issue 9)."""
+    import builtins
+
+    db = tmp_path / "s.db"
+    first = storage.open_storage(f"sqlite:///{db}")  # holds connections from here on
+    optuna.create_study(storage=first, study_name="s")
+    real_open, real_os_open = builtins.open, os.open
+    touched: list[str] = []
+
+    # Only descriptors actually opened count (an O_EXCL create that fails on the existing file opens none).
+    def guarded_open(file: object, *args: object, **kwargs: object) -> object:
+        f = real_open(file, *args, **kwargs)  # type: ignore[call-overload]
+        if str(file).startswith(str(db)):
+            touched.append(str(file))
+        return f
+
+    def guarded_os_open(path: object, *args: object, **kwargs: object) -> int:
+        fd = real_os_open(path, *args, **kwargs)  # type: ignore[arg-type]
+        if str(path).startswith(str(db)):
+            touched.append(str(path))
+        return fd
+
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    monkeypatch.setattr(os, "open", guarded_os_open)
+    storage.open_storage(f"sqlite:///{db}")  # a second open in the same process, as run used to do
+    assert touched == []
+
+
+@pytest.mark.parametrize("reason", ["disk I/O error", "attempt to write a readonly database", "unable to open database file"])
+def test_io_errors_are_not_called_damage(reason: str) -> None:
+    import sqlite3
+
+    text = storage.sqlite_error_text("results/cifar_hpo.db", sqlite3.OperationalError(reason))
+    assert reason in text and "damaged" not in text and "restore a backup" not in text
