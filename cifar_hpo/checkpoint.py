@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import socket
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -29,7 +32,9 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # The writer's host and pid are in the name, so that `remove_stale_tmp` can tell a file left by
+    # a killed writer (SIGKILL, power loss) from one being written right now.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}-{os.getpid()}-", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -41,6 +46,43 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+_HOST = socket.gethostname().split(".")[0].replace("-", "_") or "host"
+_TMP_NAME = re.compile(r"^\..+\.(?P<host>[^.-]+)-(?P<pid>\d+)-[^.]*\.tmp$")
+STALE_TMP_S = 24 * 3600  # a temp file of another host (shared folder) this old is abandoned
+
+
+def remove_stale_tmp(folder: str | os.PathLike[str]) -> int:
+    """Delete temp files under ``folder`` whose writer is gone: a dead pid on this host, or a day old.
+
+    Returns:
+        How many files were deleted.
+    """
+    removed = 0
+    for tmp in Path(folder).rglob(".*.tmp"):
+        m = _TMP_NAME.match(tmp.name)
+        try:
+            if m and m["host"] == _HOST:
+                stale = not _alive(int(m["pid"]))
+            else:
+                stale = time.time() - tmp.stat().st_mtime > STALE_TMP_S
+            if stale and tmp.is_file():
+                tmp.unlink()
+                removed += 1
+        except OSError:
+            continue  # gone meanwhile, or not ours to delete
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:

@@ -14,6 +14,7 @@ Errors a user can cause are printed as one line (exit status 2).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -315,12 +316,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code = args.handler(args)
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
     except UserError as e:
         print(f"cifar-hpo: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cifar-hpo: interrupted; finished work is kept, run the same command to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of our output went away (`cifar-hpo studies | head -1`): stop quietly, as other
+        # tools do. Python would print a traceback flushing stdout at exit; point it at /dev/null.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by a closed pipe
     return int(code or 0)
 
 

@@ -418,9 +418,15 @@ def _read_cache(cache: Path, key: str) -> Arrays | None:
 
 
 def _write_cache(cache: Path, key: str, arrays: Arrays) -> None:
-    """Write the arrays atomically: temp file in the same folder, fsync, os.replace."""
-    from cifar_hpo.checkpoint import atomic_write
+    """Write the arrays atomically: temp file in the same folder, fsync, os.replace.
 
+    Two processes decoding the same source at once both write; readers see one whole file or the
+    other. Temp files of a decoder that was killed are deleted first (they can be gigabytes).
+    """
+    from cifar_hpo.checkpoint import atomic_write, remove_stale_tmp
+
+    if cache.parent.is_dir():
+        remove_stale_tmp(cache.parent)
     train_x, train_y, test_x, test_y, classes = arrays
     atomic_write(
         cache,

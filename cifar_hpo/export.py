@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +146,7 @@ def _atomic(path: Path, write: Any) -> None:
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # torch.export wants the .pt2 suffix
     try:
         write(tmp)
+        os.chmod(tmp, 0o600)  # the weights, like final.pt: readable by their owner only
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -328,6 +330,10 @@ def main(args: argparse.Namespace) -> int:
         from cifar_hpo.spec import load_spec
 
         name = load_spec(name).name
+    else:
+        from cifar_hpo.spec import check_study_name
+
+        check_study_name(name, "--study")  # a folder under --results, never a path out of it
     src = final_path(args.results, name)
     if not src.is_file():
         have = sorted(p.parent.name for p in args.results.glob(f"*/{FINAL_NAME}")) if args.results.is_dir() else []

@@ -471,7 +471,33 @@ def load_final(path: Path) -> dict[str, Any]:
     missing = [k for k in FINAL_KEYS if k not in obj]
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}; write it again with `cifar-hpo retrain`")
+    problem = _final_field_problem(obj)
+    if problem:
+        raise UserError(f"{path}: {problem}; it is damaged or edited, write it again with `cifar-hpo retrain`")
     return obj
+
+
+def _final_field_problem(obj: dict[str, Any]) -> str | None:
+    """What is wrong with the fields that loading and predicting use, or None."""
+
+    def numbers(v: Any, n: int) -> bool:
+        return isinstance(v, (list, tuple)) and len(v) == n and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+
+    n = obj["num_classes"]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+        return f"num_classes must be an int >= 2, got {n!r}"
+    classes = obj["classes"]
+    if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes):
+        return "classes must be a list of class names"
+    if len(classes) != n:
+        return f"it names {len(classes)} classes for a model with {n} outputs"
+    if not isinstance(obj["params"], dict) or not isinstance(obj["model_state"], dict):
+        return "params and model_state must be dicts"
+    if not numbers(obj["mean"], 3) or not numbers(obj["std"], 3) or not all(s > 0 for s in obj["std"]):
+        return "mean and std must be 3 numbers each (std > 0)"
+    if not numbers(obj["input_size"], 3) or not all(isinstance(x, int) and x > 0 for x in obj["input_size"]):
+        return f"input_size must be 3 positive ints, got {obj['input_size']!r}"
+    return None
 
 
 def build_model(final: dict[str, Any]) -> torch.nn.Module:

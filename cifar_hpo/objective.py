@@ -27,6 +27,7 @@ import optuna
 import torch
 
 from cifar_hpo import checkpoint, storage
+from cifar_hpo.errors import UserError
 from cifar_hpo.params import TrialParams
 from cifar_hpo.spec import StudySpec, default_recipe, load_search_space
 
@@ -59,6 +60,9 @@ class Context:
     snapshot_every_s: float = field(default_factory=_snapshot_every_s)
     started: float = field(default_factory=time.time)
     trial_seconds: list[float] = field(default_factory=list)
+    # Calls a database write once training is over; ``run.work`` retries it while the database is
+    # away, so a lost connection does not throw a trained trial's result away.
+    until_written: Callable[[Callable[[], Any]], Any] = field(default=lambda write: write())
 
     @property
     def trials_dir(self) -> Path:
@@ -124,7 +128,10 @@ def objective(trial: optuna.Trial, ctx: Context) -> float:
         torch.manual_seed(seed)
         model = models.build(params, ctx.data.num_classes).to(ctx.data.device)
         trial.set_user_attr("params_count", sum(p.numel() for p in model.parameters()))
-        resume = checkpoint.load(last, map_location=ctx.data.device) if last.is_file() else None
+        identity = snapshot_identity(trial, ctx, lineage)
+        resume = _own_snapshot(last, identity, ctx) if root is not None else None
+        if resume is None and folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # another study's, another split's, or an unusable snapshot
         if root is not None:
             trial.set_user_attr("fail_reason", None)  # copied from the failed original; this retry has not failed
         # A retry inherits its original's reports; a retry without a snapshot re-trains those epochs.
@@ -144,7 +151,7 @@ def objective(trial: optuna.Trial, ctx: Context) -> float:
                 best.update(acc=result.val_acc, epoch=result.epoch,
                             state={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})  # fmt: skip
             if result.epoch < ctx.spec.epochs and time.time() - last_snapshot[0] >= ctx.snapshot_every_s:
-                checkpoint.save(snapshot(), last)
+                checkpoint.save({**snapshot(), "identity": identity}, last)
                 last_snapshot[0] = time.time()
             _progress(ctx, trial, n_done, result, started)
             if trial.should_prune():
@@ -153,14 +160,14 @@ def objective(trial: optuna.Trial, ctx: Context) -> float:
         try:
             history = train.train(model, ctx.data, params, epochs=ctx.spec.epochs, seed=seed, on_epoch=on_epoch, resume=resume)
         except optuna.TrialPruned:
-            _record(trial, ctx, started, None, best)
+            ctx.until_written(lambda: _record(trial, ctx, started, None, best))
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        _record(trial, ctx, started, history, best)
+        ctx.until_written(lambda: _record(trial, ctx, started, history, best))
         if history.status == "nonfinite":
             raise NonFiniteLoss(f"non-finite training loss in epoch {len(history.epochs) + 1}; lower lr or use fp32")
         value = float(history.best_val_acc)
-        _keep_checkpoint(trial, ctx, params, best, value)
+        ctx.until_written(lambda: _keep_checkpoint(trial, ctx, params, best, value))
         shutil.rmtree(folder, ignore_errors=True)
         return value
     except optuna.TrialPruned:
@@ -183,6 +190,32 @@ def objective(trial: optuna.Trial, ctx: Context) -> float:
         model = None  # drop the reference before freeing device memory
         if ctx.data.device.type == "cuda":
             _free_device_memory()
+
+
+def snapshot_identity(trial: optuna.Trial, ctx: Context, lineage: int) -> dict[str, Any]:
+    """What a resumable snapshot belongs to: this study (not an earlier one of the same name), trial and split."""
+    uid = trial.study.user_attrs.get("uid") or f"{trial.study.study_name}#{trial.study._study_id}"
+    return {"study": ctx.spec.name, "study_uid": uid, "trial": lineage, "split_hash": ctx.data.split_hash}
+
+
+def _own_snapshot(last: Path, identity: dict[str, Any], ctx: Context) -> dict[str, Any] | None:
+    """The snapshot at ``last`` if it names exactly ``identity``, else None (the caller deletes it).
+
+    Only the params used to be compared, so a leftover ``trials/<n>/last.pt`` of an earlier study
+    (another database, another split) was resumed by a new trial with the same number: it had been
+    trained on what is now validation data.
+    """
+    if not last.is_file():
+        return None
+    try:
+        snap = checkpoint.load(last, map_location=ctx.data.device)
+    except UserError as e:
+        ctx.log(f"ignoring snapshot {last}: {e}")
+        return None
+    if not isinstance(snap, dict) or snap.get("identity") != identity:
+        ctx.log(f"ignoring snapshot {last}: it belongs to {snap.get('identity') if isinstance(snap, dict) else '?'}, not {identity}")
+        return None
+    return snap
 
 
 def _free_device_memory() -> None:

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import logging
 import os
 import signal
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ import optuna
 from optuna.trial import TrialState
 
 from cifar_hpo import dashboard_notes, storage
+from cifar_hpo.checkpoint import remove_stale_tmp
 from cifar_hpo.errors import UserError
 from cifar_hpo.objective import Context, Interrupted, finished_count, objective
 from cifar_hpo.spec import StudySpec, load_spec, save_resolved
@@ -35,13 +39,49 @@ MAX_FAILS_IN_ROW = 5
 POLL_S = 5.0  # how often a worker waiting on others' running trials looks again
 
 
+class _NoInterruptTraceback(logging.Filter):
+    """Drops Optuna's "Trial N failed ... because of Interrupted" traceback (about 25 lines) on SIGTERM or Ctrl-C.
+
+    The interrupted trial is re-queued on purpose (see ``objective``) and the run says so in one line.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.interrupted: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        message = record.getMessage()
+        number = message.split(" ", 2)[1] if message.startswith("Trial ") else ""
+        if isinstance(exc, KeyboardInterrupt):
+            self.interrupted.add(number)
+            return False
+        return not (number in self.interrupted and "failed with value" in message)
+
+
+_QUIET_INTERRUPTS = _NoInterruptTraceback()
+logging.getLogger("optuna.study._optimize").addFilter(_QUIET_INTERRUPTS)
+
+
 class SurplusTrial(RuntimeError):
     """A trial started after the study already had enough finished or running trials."""
 
 
-def make_sampler(spec: StudySpec, seed_offset: int) -> optuna.samplers.BaseSampler:
-    """The spec's sampler, seeded so that resumed runs and parallel workers do not repeat draws."""
-    seed = spec.seed + seed_offset
+def sampler_seed(spec: StudySpec) -> int:
+    """This process's sampler seed: the study's ``seed`` mixed with a nonce of this process.
+
+    Processes that start together (``--workers``, machines on one database) must not draw the same
+    parameters, and they cannot agree on offsets without coordination: an offset counted from the
+    trials so far was the same in every process started at once (2 of 4 trials were duplicates).
+    The seed actually used is recorded in each trial's ``sampler_seed`` user attribute. What stays
+    reproducible from the study's ``seed`` is each trial's training (see ``objective``).
+    """
+    nonce = int.from_bytes(os.urandom(8), "little")
+    return (spec.seed * 1_000_003 + nonce) % 2**32
+
+
+def make_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
+    """The spec's sampler with this ``seed`` (see ``sampler_seed``)."""
     if spec.sampler.kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     with storage.quiet_experimental():
@@ -73,13 +113,15 @@ def split_attrs(spec: StudySpec, split_hash: str) -> dict[str, Any]:
     return {"split_hash": split_hash, "data": d.source, "subset": d.subset, "val_fraction": d.val_fraction}
 
 
-def open_study(spec: StudySpec, url: str, split_hash: str) -> optuna.Study:
+def open_study(spec: StudySpec, url: str, split_hash: str, st: optuna.storages.RDBStorage | None = None) -> optuna.Study:
     """Create the study, or check that an existing one has the same direction and split.
+
+    ``st``: the storage this process already opened on ``url`` (one per process where one will do).
 
     Raises:
         UserError: the name exists with another direction or split (nothing is written then).
     """
-    st = storage.open_storage(url)
+    st = st or storage.open_storage(url)
     summaries = {s.study_name: s for s in optuna.get_all_study_summaries(st, include_best_trial=False)}
     wanted = split_attrs(spec, split_hash)
     existing = summaries.get(spec.name)
@@ -100,11 +142,14 @@ def open_study(spec: StudySpec, url: str, split_hash: str) -> optuna.Study:
             )
     study = optuna.create_study(
         study_name=spec.name, storage=st, direction="maximize", load_if_exists=True,  # spec checks direction
-        sampler=make_sampler(spec, 0), pruner=make_pruner(spec),
+        sampler=make_sampler(spec, spec.seed), pruner=make_pruner(spec),
     )  # fmt: skip
     if existing is None:
         for key, value in {**wanted, "model": spec.model, "search_space": spec.search_space, "spec": spec.to_dict()}.items():
             study.set_user_attr(key, value)
+    if (existing is None or "uid" not in existing.user_attrs) and "uid" not in study.user_attrs:
+        # Tells this study from an earlier one of the same name (another database, a deleted one): its snapshots are its own.
+        study.set_user_attr("uid", uuid.uuid4().hex)
     return study
 
 
@@ -151,28 +196,45 @@ def _count_blocking(study: optuna.Study, number: int) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False, states=states) if t.number < number)
 
 
-def work(spec: StudySpec, url: str, results: Path, data: Any, *, seed_offset: int = 0, prefix: str = "",
-         timeout: float | None = None) -> None:
-    """One worker's loop: run trials until the study has ``spec.trials`` finished ones."""
-    st = storage.open_storage(url)
-    study = optuna.load_study(study_name=spec.name, storage=st, sampler=make_sampler(spec, seed_offset),
+def work(spec: StudySpec, url: str, results: Path, data: Any, *, st: optuna.storages.RDBStorage | None = None,
+         seed: int | None = None, prefix: str = "", timeout: float | None = None) -> None:
+    """One worker's loop: run trials until the study has ``spec.trials`` finished ones.
+
+    ``st``: this process's storage on ``url`` (opened here if None). ``seed``: the sampler's seed
+    (default: ``sampler_seed(spec)``, different in every process).
+    """
+    st = st or storage.open_storage(url)
+    seed = sampler_seed(spec) if seed is None else seed
+    study = optuna.load_study(study_name=spec.name, storage=st, sampler=make_sampler(spec, seed),
                               pruner=make_pruner(spec))  # fmt: skip
 
     def log(line: str) -> None:
         print(f"{prefix}{line}", flush=True)
 
-    ctx = Context(spec=spec, data=data, results=results, store=storage.artifact_store(url, results),
-                  target_trials=spec.trials, log=log)  # fmt: skip
-
     ran: list[int] = []
+    # The outcome of a trial whose training is over, until the database has it (see _until_written).
+    outcome: list[tuple[optuna.Trial, TrialState, float | None]] = []
+
+    def keep(write: Callable[[], Any]) -> Any:
+        return _until_written(st, ran[-1] if ran else None, study, write, log)
+
+    ctx = Context(spec=spec, data=data, results=results, store=storage.artifact_store(url, results),
+                  target_trials=spec.trials, log=log, until_written=keep)  # fmt: skip
 
     def guarded(trial: optuna.Trial) -> float:
         ran.append(trial.number)
         try:
+            trial.set_user_attr("sampler_seed", seed)
             if _count_blocking(study, trial.number) >= spec.trials and storage.retried_trial_number(trial) is None:
                 trial.set_user_attr("fail_reason", "surplus: the study already had enough finished or running trials")
                 raise SurplusTrial("surplus trial, nothing run")
-            return objective(trial, ctx)
+            try:
+                value = objective(trial, ctx)
+            except optuna.TrialPruned:
+                outcome.append((trial, TrialState.PRUNED, None))
+                raise
+            outcome.append((trial, TrialState.COMPLETE, value))
+            return value
         except Exception as e:
             if _lost_database(e):  # not the trial's fault: leave it RUNNING to be retried once, as a killed worker's
                 raise DatabaseLost(_first_line(e)) from e
@@ -198,7 +260,16 @@ def work(spec: StudySpec, url: str, results: Path, data: Any, *, seed_offset: in
             time.sleep(POLL_S)  # others' running trials may complete the study, or fail and free a slot
             continue
         ran.clear()
-        study.optimize(guarded, n_trials=1, catch=(Exception,), gc_after_trial=False)
+        outcome.clear()
+        try:
+            study.optimize(guarded, n_trials=1, catch=(Exception,), gc_after_trial=False)
+        except Exception as e:
+            if not (outcome and _lost_database(e)):
+                raise
+            # Training is over and only Optuna's final write failed: keep the result and write it
+            # when the database is back, instead of leaving the trial to be retrained from scratch.
+            kept = outcome[0]
+            _until_written(st, kept[0].number, study, functools.partial(_tell_once, study, *kept), log)
         if not ran:
             continue
         last = next(t for t in study.get_trials(deepcopy=False) if t.number == ran[0])
@@ -212,6 +283,46 @@ def work(spec: StudySpec, url: str, results: Path, data: Any, *, seed_offset: in
                 )
         else:
             fails_in_row = 0
+
+
+def _tell_once(study: optuna.Study, trial: optuna.Trial, state: TrialState, value: float | None) -> None:
+    """Record a finished trial's outcome unless the database has it already (a write that failed late)."""
+    frozen = study._storage.get_trial(trial._trial_id)
+    if frozen.state != TrialState.RUNNING:
+        return  # written after all, or failed as stale by another worker (its retry takes over)
+    study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+
+
+def _until_written(st: optuna.storages.RDBStorage, number: int | None, study: optuna.Study, write: Callable[[], Any],
+                   log: Callable[[str], None]) -> Any:  # fmt: skip
+    """Call ``write`` until the database takes it: a finished trial's result is kept, not thrown away.
+
+    While the database is out of reach the trial's heartbeat is sent again with every try, so that
+    once it is back the trial is not failed as stale by another worker before its result is written.
+
+    Raises:
+        UserError: the database stayed away for ``RECONNECT_S`` seconds.
+    """
+    deadline: float | None = None
+    while True:
+        try:
+            return write()
+        except Exception as e:
+            if not _lost_database(e):
+                raise
+            what = "a trial's result" if number is None else f"trial #{number}'s result"
+            if deadline is None:
+                deadline = time.time() + RECONNECT_S
+                log(f"lost the database {storage.mask_url(str(st.engine.url))} ({_first_line(e)}) while writing {what}; "
+                    f"keeping it and trying again for up to {RECONNECT_S:g}s")  # fmt: skip
+            elif time.time() > deadline:
+                raise UserError(f"the database stayed unreachable for {RECONNECT_S:g}s, so {what} could not be written "
+                                f"({_first_line(e)}); run the same command again when it is back") from None  # fmt: skip
+        time.sleep(RETRY_WRITE_S)
+        st.engine.dispose()  # pooled connections may be dead (server restart) or broken (I/O error)
+        if number is not None:
+            with contextlib.suppress(Exception):
+                st.record_heartbeat(study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
 
 
 def _trial_line(study: optuna.Study, t: optuna.trial.FrozenTrial) -> str:
@@ -262,11 +373,11 @@ def _worker_entry(spec: StudySpec, url: str, results: Path, args_dict: dict[str,
     code = 0
     try:
         with sigterm_as_interrupt():
+            st = storage.open_storage(url)  # once per process: every later step uses this one
             data = load_data(spec, args)
-            offset = 1000 * (index + 1) + len_trials(url, spec)
             prefix = f"[w{index}] "
             _reconnecting(url, lambda line: print(f"{prefix}{line}", flush=True),
-                          lambda: work(spec, url, results, data, seed_offset=offset, prefix=prefix, timeout=args.timeout))  # fmt: skip
+                          lambda: work(spec, url, results, data, st=st, prefix=prefix, timeout=args.timeout), st=st)  # fmt: skip
     except UserError as e:
         print(f"cifar-hpo: error: [w{index}] {e}", file=sys.stderr)
         code = 2
@@ -310,6 +421,7 @@ class TrialTakenOver(BaseException):
     """
 
 
+RETRY_WRITE_S = float(os.environ.get("CIFAR_HPO_RETRY_WRITE_S", "2"))  # pause between tries of a kept result
 MAX_RECONNECTS = 20  # database outages survived by one run (each up to RECONNECT_S)
 RECONNECT_S = float(os.environ.get("CIFAR_HPO_RECONNECT_S", "600"))  # seconds to wait for a lost database to return
 
@@ -333,7 +445,8 @@ def _lost_database(e: BaseException) -> bool:
     return _caused_by(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.DisconnectionError))
 
 
-def _reconnecting(url: str, log: Callable[[str], None], loop: Callable[[], None]) -> None:
+def _reconnecting(url: str, log: Callable[[str], None], loop: Callable[[], None],
+                  st: optuna.storages.RDBStorage | None = None) -> None:  # fmt: skip
     """Run a worker ``loop``; when the database goes away (server restart, network), wait for it and run it again.
 
     The trial that was running is abandoned: its heartbeat stops, so it is failed and retried from its
@@ -345,6 +458,8 @@ def _reconnecting(url: str, log: Callable[[str], None], loop: Callable[[], None]
         UserError: the database stayed away for ``RECONNECT_S`` seconds, or was lost ``MAX_RECONNECTS`` times.
     """
     import threading
+
+    import sqlalchemy.exc
 
     previous_hook = threading.excepthook
 
@@ -377,12 +492,15 @@ def _reconnecting(url: str, log: Callable[[str], None], loop: Callable[[], None]
             deadline = time.time() + RECONNECT_S
             while True:
                 try:
-                    storage.open_storage(url, heartbeat=False).engine.dispose()
+                    if st is None:
+                        storage.open_storage(url, heartbeat=False).engine.dispose()
+                    else:
+                        storage.ping(st)  # this process's storage: no second open of the same database
                     break
-                except UserError as e:
+                except (UserError, sqlalchemy.exc.DBAPIError) as e:
                     if time.time() > deadline:
-                        raise UserError(f"the database stayed unreachable for {RECONNECT_S:g}s ({e}); run the same command again "
-                                        "when it is back: finished trials are kept") from None  # fmt: skip
+                        raise UserError(f"the database stayed unreachable for {RECONNECT_S:g}s ({_first_line(e)}); "
+                                        "run the same command again when it is back: finished trials are kept") from None  # fmt: skip
                     time.sleep(2.0)
             log(f"reconnected to {shown}")
     finally:
@@ -485,15 +603,6 @@ def _run_workers(spec: StudySpec, url: str, results: Path, args: argparse.Namesp
     return worst
 
 
-def len_trials(url: str, spec: StudySpec) -> int:
-    """Trials already in the study (seeds the sampler so resumed runs draw new points)."""
-    st = storage.open_storage(url, heartbeat=False)
-    try:
-        return len(optuna.load_study(study_name=spec.name, storage=st).get_trials(deepcopy=False))
-    except KeyError:
-        return 0
-
-
 def main(args: argparse.Namespace) -> int:
     """``cifar-hpo run``."""
     if args.trials is not None and args.trials < 1:
@@ -503,11 +612,21 @@ def main(args: argparse.Namespace) -> int:
     spec = load_spec(args.study).with_overrides(epochs=args.epochs, trials=args.trials, data=args.data, subset=args.subset)
     results: Path = args.results
     url = storage.storage_url(args.storage, results)
-    storage.open_storage(url, heartbeat=False)  # fail fast on a bad URL, before decoding data
+    # Opened once, failing fast on a bad URL before decoding data; every later step uses this one. A
+    # new SQLite file is only created once the data loaded: a run that fails on its data leaves none.
+    fresh = storage.missing_sqlite(url)
+    if fresh is None:
+        st = storage.open_storage(url)
+    else:
+        storage.check_creatable(fresh)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     data = load_data(spec, args)
-    study = open_study(spec, url, data.split_hash)
+    if fresh is not None:
+        st = storage.open_storage(url)
+    study = open_study(spec, url, data.split_hash, st)
     dashboard_notes.describe_study(study, spec, data.split_hash, (len(data.train_y), len(data.eval_y)))
+    for folder in (results / spec.name, storage.artifact_dir(url, results)):
+        remove_stale_tmp(folder)  # left by a writer that was killed mid-write
     save_resolved(spec, results / spec.name)
     done = finished_count(study)
     print(
@@ -521,8 +640,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if args.workers == 1:
         with sigterm_as_interrupt():
-            offset = len(study.get_trials(deepcopy=False))
-            _reconnecting(url, print, lambda: work(spec, url, results, data, seed_offset=offset, timeout=args.timeout))
+            _reconnecting(url, print, lambda: work(spec, url, results, data, st=st, timeout=args.timeout), st=st)
     else:
         del data  # each worker process loads its own copy onto its own device
         code = _run_workers(spec, url, results, args)

@@ -25,6 +25,7 @@ import importlib
 import importlib.resources
 import importlib.util
 import json
+import re
 import sys
 import tomllib
 from dataclasses import dataclass
@@ -221,9 +222,24 @@ def parse_spec(raw: dict[str, Any], path: Path) -> StudySpec:
     return spec
 
 
+# A study's name is a folder under --results (and retrain deletes folders by it): one safe path component.
+NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_study_name(name: str, where: str = "study") -> str:
+    """``name`` if it is a safe study name (letters, digits, ``_ . -``; no path separators), else UserError."""
+    if not NAME_RULE.fullmatch(name):
+        raise UserError(
+            f"{where}: study name {name!r} is not allowed; use 1-64 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit (set name = ... in the study file, or rename the file)"
+        )
+    return name
+
+
 def _validate(spec: StudySpec, where: str) -> None:
     from cifar_hpo.models import DEVICE_KINDS, MODELS  # torch import only when a spec is validated
 
+    check_study_name(spec.name, where)
     _check(spec.model in MODELS, where, "model", f"{spec.model!r} is unknown; valid: {', '.join(MODELS)}")
     _check(spec.recipe in DEVICE_KINDS, where, "recipe", f"must be one of {', '.join(DEVICE_KINDS)}, got {spec.recipe!r}")
     _check(spec.epochs >= 1, where, "epochs", f"must be >= 1, got {spec.epochs}")

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import sqlite3
+import time
 import warnings
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -54,17 +56,20 @@ def storage_url(arg: str | None, results: Path) -> str:
 
 
 def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``***`` (safe to print or log)."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        # Unparseable: hide whatever sits between '://user:' and '@'.
-        head, sep, tail = url.partition("://")
-        if sep and "@" in tail:
-            creds, _, host = tail.rpartition("@")
-            user = creds.split(":", 1)[0]
-            return f"{head}://{user}:***@{host}"
+    """The URL with its password replaced by ``***`` (safe to print or log).
+
+    Parsed by hand, not by SQLAlchemy: the password is everything between the first ``:`` of the
+    credentials and the *last* ``@`` (an unescaped ``@`` in a password otherwise leaks its tail),
+    with or without a ``scheme://`` in front.
+    """
+    head, sep, rest = url.partition("://")
+    if not sep:
+        head, rest = "", url
+    creds, at, host = rest.rpartition("@")
+    if not at or ":" not in creds or "/" in creds.split(":", 1)[0]:
         return url
+    user = creds.split(":", 1)[0]
+    return f"{head}{sep}{user}:***@{host}"
 
 
 @contextlib.contextmanager
@@ -102,6 +107,14 @@ def requeue_interrupted(study: optuna.Study, trial_number: int) -> None:
 
 
 def _prepare_sqlite(url: str) -> None:
+    """Create the SQLite file (0600) if needed, check it and switch it to WAL, through SQLite only.
+
+    The file is never opened with a plain ``open()``: closing any descriptor of a database file
+    drops every POSIX lock this process holds on it (SQLite's "How To Corrupt" section 2), so a
+    header read in a process that already has connections (a second ``open_storage``) left the run
+    holding no lock, and the next reader to close its connection deleted the run's WAL under it.
+    SQLite's own connections share one lock table per file within a process, so they are safe.
+    """
     path = make_url(url).database
     if not path or path == ":memory:":
         return
@@ -113,14 +126,10 @@ def _prepare_sqlite(url: str) -> None:
     try:
         # Created empty with mode 0600 before SQLite opens it (SQLite accepts an empty file as a new
         # database and gives its -wal/-shm files the same mode), so it is never readable by others.
+        # O_EXCL: an existing file is not opened here at all.
         os.close(os.open(db, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     except FileExistsError:
-        with open(db, "rb") as f:
-            header = f.read(16)
-        if header and header != b"SQLite format 3\x00":
-            raise UserError(
-                f"storage {db} is not an SQLite database (corrupt or another file); move it away or pass another --storage"
-            ) from None
+        pass
     except OSError as e:
         raise UserError(f"storage {url}: cannot create {db} ({e.strerror}); pass another --storage") from None
     try:
@@ -129,13 +138,63 @@ def _prepare_sqlite(url: str) -> None:
             # Checked before anything is written. quick_check reports damage as rows, not as an exception.
             verdict = con.execute("PRAGMA quick_check").fetchone()
             if verdict is None or verdict[0] != "ok":
-                raise sqlite3.DatabaseError(f"quick_check: {verdict[0] if verdict else 'no answer'}")
+                raise UserError(
+                    f"storage {db} is damaged (SQLite's quick_check: {verdict[0] if verdict else 'no answer'}); "
+                    "restore a backup or move it away and pass another --storage"
+                )
             # WAL persists in the file: set once, every later connection uses it.
             con.execute("PRAGMA journal_mode=WAL")
         finally:
             con.close()
     except sqlite3.DatabaseError as e:
-        raise UserError(f"storage {db} is damaged ({e}); restore a backup or move it away and pass another --storage") from None
+        raise UserError(sqlite_error_text(db, e)) from None
+
+
+def sqlite_error_text(db: Path | str, e: BaseException) -> str:
+    """One line for an SQLite error on ``db`` that says what happened, without calling a healthy file damaged."""
+    reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "not a database" in reason or "malformed" in reason:
+        return f"storage {db} is not an SQLite database, or is corrupt ({reason}); move it away or pass another --storage"
+    if "locked" in reason or "busy" in reason:
+        return f"storage {db} is locked by another process ({reason}); wait for it or pass another --storage"
+    # disk I/O error, read-only or full disk, permissions: the file itself may be fine.
+    return (
+        f"storage {db} could not be read or written ({reason}); check the disk (space, permissions, a network "
+        "file system without locking) and run the same command again"
+    )
+
+
+@contextlib.contextmanager
+def _schema_lock(url: str) -> Iterator[None]:
+    """Serialize creating or upgrading the schema of one SQLite file between processes on this machine.
+
+    Two ``run``s started together on a fresh file both saw no tables and both created them; the
+    second died on "table studies already exists". The lock is an ``flock`` on the database's folder
+    (no extra file, and never a descriptor of the database itself), held only while opening.
+    """
+    import fcntl
+
+    path = make_url(url).database
+    if not path or path == ":memory:":
+        yield
+        return
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError as e:
+        raise UserError(f"storage {url}: cannot create or open folder {folder} ({e.strerror}); pass another --storage") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _already_exists(e: BaseException) -> bool:
+    """Another process created the same table or row a moment before this one (concurrent first start)."""
+    text = str(getattr(e, "orig", None) or e).lower()
+    return "already exists" in text or "duplicate" in text or "unique constraint" in text
 
 
 def _sqlite_begin_immediate(engine: sqlalchemy.engine.Engine) -> None:
@@ -194,7 +253,19 @@ class _HeartbeatFromStart(optuna.storages.RDBStorage):
                 .filter(models.TrialHeartbeatModel.trial_id.is_(None))
                 .all()
             )
-        return stale + [tid for tid, start in rows if start is not None and start < cutoff and tid not in stale]
+        orphans = [tid for tid, start in rows if start is not None and start < cutoff and tid not in stale]
+        marked = []
+        for tid in stale + orphans:
+            # Said before Optuna fails it (a finished trial's attributes cannot change), so that the FAIL
+            # has a reason in `status` and the dashboard instead of an empty one.
+            why = (f"stale: no heartbeat for {GRACE_PERIOD}s (its worker was killed, or lost the database); retried"
+                   if tid in stale else f"stale: no heartbeat at all in {ORPHAN_S:g}s since it started; retried")  # fmt: skip
+            try:
+                self.set_trial_user_attr(tid, "fail_reason", why)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # finished meanwhile: not stale after all
+            marked.append(tid)
+        return marked
 
     def record_heartbeat(self, trial_id: int) -> None:
         try:
@@ -220,13 +291,13 @@ def open_storage(url: str, *, heartbeat: bool = True) -> optuna.storages.RDBStor
     shown = mask_url(url)
     try:
         parsed = make_url(url)
-    except sqlalchemy.exc.ArgumentError:
+    except (sqlalchemy.exc.ArgumentError, ValueError) as e:  # ValueError: e.g. a port that is not a number
+        detail = f" ({e})" if isinstance(e, ValueError) else ""
         raise UserError(
-            f"storage URL {shown!r} is malformed; expected e.g. sqlite:///results/cifar_hpo.db or postgresql://user@host/db"
+            f"storage URL {shown!r} is malformed{detail}; expected e.g. sqlite:///results/cifar_hpo.db or postgresql://user@host:5432/db"
         ) from None
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}  # reconnect after a server restart
     if parsed.get_backend_name() == "sqlite":
-        _prepare_sqlite(url)
         engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
     kwargs: dict[str, Any] = {}
     if heartbeat:
@@ -235,10 +306,21 @@ def open_storage(url: str, *, heartbeat: bool = True) -> optuna.storages.RDBStor
             kwargs["heartbeat_stale_trial_callback"] = _retry_callback()
         else:  # Optuna < 4.9
             kwargs["failed_trial_callback"] = _retry_callback()
+    sqlite = parsed.get_backend_name() == "sqlite"
     try:
-        with quiet_experimental():
-            st = _HeartbeatFromStart(url, engine_kwargs=engine_kwargs, **kwargs)
-        if parsed.get_backend_name() == "sqlite":
+        for attempt in range(5):
+            try:
+                with _schema_lock(url) if sqlite else contextlib.nullcontext(), quiet_experimental():
+                    if sqlite:
+                        _prepare_sqlite(url)
+                    st = _HeartbeatFromStart(url, engine_kwargs=engine_kwargs, **kwargs)
+                break
+            except sqlalchemy.exc.DBAPIError as e:
+                # Another process (another machine, for a server) created the schema at the same moment.
+                if attempt == 4 or not _already_exists(e):
+                    raise
+                time.sleep(0.2 + random.random())
+        if sqlite:
             _sqlite_begin_immediate(st.engine)
         return st
     except ImportError:
@@ -246,22 +328,44 @@ def open_storage(url: str, *, heartbeat: bool = True) -> optuna.storages.RDBStor
             f"storage {shown}: the database driver for {parsed.drivername!r} is not installed; pip install -e '.[postgres]' (or [mysql])"
         ) from None
     except (sqlalchemy.exc.SQLAlchemyError, sqlite3.Error) as e:
+        if sqlite:
+            raise UserError(sqlite_error_text(parsed.database or shown, e)) from None
         reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
         raise UserError(f"storage {shown} cannot be opened ({reason}); check the URL and that the server is running") from None
     except RuntimeError as e:  # e.g. schema version mismatch
         raise UserError(f"storage {shown}: {e}") from None
 
 
+def ping(st: optuna.storages.RDBStorage) -> None:
+    """One round trip to ``st``'s database on a fresh connection.
+
+    Raises:
+        sqlalchemy.exc.DBAPIError: the database is still out of reach.
+    """
+    st.engine.dispose()  # pooled connections may be dead (server restart) or broken (I/O error)
+    with st.engine.connect() as con:
+        con.exec_driver_sql("SELECT 1")
+
+
 def missing_sqlite(url: str) -> Path | None:
     """The SQLite file ``url`` names when it does not exist yet (readers must not create it), else None."""
     try:
         parsed = make_url(url)
-    except sqlalchemy.exc.ArgumentError:
-        return None
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        return None  # open_storage reports the malformed URL
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None
     path = Path(parsed.database)
     return None if path.is_file() else path
+
+
+def check_creatable(db: Path) -> None:
+    """Raise UserError unless an SQLite file could be created at ``db`` (checked without creating anything)."""
+    folder = db.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"storage {db}: cannot create it, {folder} is not a writable folder; pass another --storage or --results")
 
 
 def open_existing(url: str) -> optuna.storages.RDBStorage | None:

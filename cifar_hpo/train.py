@@ -444,6 +444,17 @@ def params_for(model_name: str, overrides: list[str], device: torch.device | str
     base = default_params(model_name, device)
     changes = parse_overrides(overrides)
     changes.pop("model", None)
+    names = [f.name for f in dataclasses.fields(base) if f.name != "model"]
+    for key, value in changes.items():
+        if key not in names:
+            raise UserError(f"--set {key}=...: unknown TrialParams field; valid: {', '.join(names)} (and arch.KEY)")
+        current = getattr(base, key)
+        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+            changes[key] = value = float(value)
+        if not isinstance(value, type(current)) or isinstance(value, bool) != isinstance(current, bool):
+            if key == "arch":
+                raise UserError(f"--set arch={value}: set one key of arch at a time, e.g. --set arch.width=64")
+            raise UserError(f"--set {key}={value}: must be {type(current).__name__}, like the default {key}={current}")
     if "arch" in changes:
         changes["arch"] = {**base.arch, **changes["arch"]}
     return base.replace(**changes)
@@ -455,6 +466,12 @@ def main(args: argparse.Namespace) -> int:
     from cifar_hpo.device import resolve_device
     from cifar_hpo.models import build
 
+    if args.epochs < 1:
+        raise UserError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.subset is not None and args.subset < 20:
+        raise UserError(f"--subset must be >= 20 images, got {args.subset}")
+    if not 0.0 < args.val_fraction < 1.0:
+        raise UserError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     device = resolve_device(args.device)
     params = params_for(args.model, args.set, device)
     ds = data.load_dataset(args.data, data_dir=args.data_dir, cache_dir=args.cache_dir)

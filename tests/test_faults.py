@@ -57,7 +57,7 @@ def _check_no_loss(trials: list[optuna.trial.FrozenTrial], target: int) -> list[
     """Exact count, no zombie, every trial that died retried exactly once; returns the killed trials."""
     assert len(_finished(trials)) == target
     assert not [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-    killed = [t for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("fail_reason")]
+    killed = [t for t in trials if t.state == TrialState.FAIL and str(t.user_attrs.get("fail_reason") or "stale").startswith("stale")]
     retried = [t.system_attrs["retry_history"][-1] for t in trials if t.system_attrs.get("retry_history")]
     for t in killed:
         assert retried.count(t.number) == 1, (t.number, retried)

@@ -276,9 +276,9 @@ def measure(
     study = optuna.load_study(study_name=name, storage=storage.open_storage(url, heartbeat=False))
     all_trials = study.get_trials(deepcopy=False)
     finished = {t.number for t in all_trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
-    # Failed by a stale heartbeat (a kill, or a worker cut off from the database): no reason recorded
-    # (a retry inherits its original's attributes, with fail_reason cleared to None).
-    killed = [t for t in all_trials if t.state == TrialState.FAIL and not t.user_attrs.get("fail_reason")]
+    # Failed by a stale heartbeat (a kill, or a worker cut off from the database): reason "stale: ...",
+    # or none from before that reason was recorded.
+    killed = [t for t in all_trials if t.state == TrialState.FAIL and str(t.user_attrs.get("fail_reason") or "stale").startswith("stale")]
     retries: dict[int, int] = {}
     for t in all_trials:
         history = t.system_attrs.get("retry_history") or []

@@ -29,7 +29,7 @@ def run_study(spec: StudySpec, data: object, folder: Path) -> dict[str, float]:
     url = f"sqlite:///{folder}/{spec.name}.db"
     started = time.time()
     open_study(spec, url, data.split_hash)  # type: ignore[attr-defined]
-    work(spec, url, folder, data, prefix=f"[{spec.name}] ")
+    work(spec, url, folder, data, seed=spec.seed, prefix=f"[{spec.name}] ")  # the same draws in both studies
     study = optuna.load_study(study_name=spec.name, storage=url)
     trials = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
     return {
