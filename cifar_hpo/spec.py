@@ -26,6 +26,7 @@ from cifar_hpo.errors import UserError
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("hyperband", "successive_halving", "median", "none")
+FIDELITIES = ("plain", "probe", "ema")  # as cifar_hpo.pruners.FIDELITIES (kept import-free here)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,9 @@ class PrunerSpec:
     reduction_factor: int = 3  # hyperband / successive halving: keep 1/rf per rung
     n_startup_trials: int = 5  # median: trials that are never pruned
     n_warmup_steps: int = 1  # median: epochs before pruning starts
+    # What a rung compares (cifar_hpo.pruners): "plain" accuracy, a "probe" (wsd schedule,
+    # cooldown branch at each rung) or an "ema" of the weights.
+    fidelity: str = "plain"
 
 
 @dataclass(frozen=True)
@@ -196,6 +200,7 @@ def _validate(spec: StudySpec, where: str) -> None:
     _check(spec.sampler.kind in SAMPLERS, where, "sampler.kind", f"must be one of {', '.join(SAMPLERS)}")
     _check(spec.pruner.kind in PRUNERS, where, "pruner.kind", f"must be one of {', '.join(PRUNERS)}")
     _check(spec.pruner.min_resource >= 1, where, "pruner.min_resource", "must be >= 1")
+    _check(spec.pruner.fidelity in FIDELITIES, where, "pruner.fidelity", f"must be one of {', '.join(FIDELITIES)}")
     _check(spec.pruner.reduction_factor >= 2, where, "pruner.reduction_factor", "must be >= 2")
     _check(0.0 < spec.data.val_fraction < 1.0, where, "data.val_fraction", "must be in (0, 1)")
     _check(spec.data.subset is None or spec.data.subset >= 20, where, "data.subset", "must be >= 20")
