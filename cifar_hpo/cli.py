@@ -211,6 +211,7 @@ def _parser_bench(p: argparse.ArgumentParser) -> None:
     b.add_argument("--epochs", type=int, default=6, help="epochs per trial (default: 6)")
     b.add_argument("--subset", type=int, default=4000, help="training images (default: 4000)")
     b.add_argument("--seed", type=int, default=0, help="sampler seed (default: 0)")
+    b.add_argument("--seeds", type=int, default=1, help="pairs of studies, sampler seeds seed.. (default: 1)")
     b.add_argument("--pruner", default=None, choices=["hyperband", "successive_halving", "median"],
                    help="pruner to compare with none (default: the fast study file's)")
     b.add_argument("--reduction-factor", type=int, default=None, help="hyperband/successive halving reduction factor")

@@ -190,7 +190,7 @@ def compare(
     m = len(next(iter(by_design.values())))
     if trials > m:
         raise UserError(f"--trials {trials}: the bank holds {m} configurations; pass at most {m} or record more")
-    rows: dict[str, dict[str, Any]] = {r.name: {"ratio": [], "regret": [], "traces": []} for r in rules}
+    rows: dict[str, dict[str, Any]] = {r.name: {"ratio": [], "regret": [], "pruning_loss": [], "traces": []} for r in rules}
     rho: dict[str, dict[int, list[float]]] = {}
     for seed in range(seeds):
         order = np.random.default_rng(seed).permutation(m)[:trials]
@@ -202,6 +202,8 @@ def compare(
             out = replay(rule, configs, epochs, seed)
             rows[rule.name]["ratio"].append(out.epochs / unpruned_epochs)
             rows[rule.name]["regret"].append(100 * (unpruned_best - out.best))
+            # What pruning alone lost: against the unpruned best of the rule's own design (schedule).
+            rows[rule.name]["pruning_loss"].append(100 * (max(objective_value(c) for c in configs) - out.best))
             rows[rule.name]["traces"].append([(e / unpruned_epochs, 100 * (unpruned_best - b)) for e, b in out.trace])
         for design, fidelity in (("onecycle", "plain"), ("onecycle", "ema"), ("wsd", "probe")):
             if design not in by_design:
@@ -223,6 +225,7 @@ def compare(
             "regret_points_sd": _sd(v["regret"]),
             "regret_points_max": float(np.max(v["regret"])),
             "zero_regret_share": float(np.mean(np.asarray(v["regret"]) <= 1e-9)),
+            "pruning_loss_points": _mean(v["pruning_loss"]),
         }
         for name, v in rows.items()
     }
@@ -403,11 +406,13 @@ def main(args: argparse.Namespace) -> int:
     table = result["table"]
     width = max(len(n) for n in table)
     print(f"{result['configs']} configurations x {epochs} epochs in the bank; {args.trials} trials per study; {args.seeds} seeds")
-    print(f"{'rule':<{width}}  {'epochs':>13}  {'regret (points)':>17}  {'max':>5}  {'0-regret':>8}")
+    print(f"{'rule':<{width}}  {'epochs':>13}  {'regret (points)':>17}  {'max':>5}  {'0-regret':>8}  {'lost':>5}")
     for name, row in table.items():
         print(f"{name:<{width}}  {row['epochs_ratio']:6.3f} ± {row['epochs_ratio_sd']:.3f}  "
               f"{row['regret_points']:8.2f} ± {row['regret_points_sd']:5.2f}  {row['regret_points_max']:5.2f}  "
-              f"{row['zero_regret_share']:8.2f}")  # fmt: skip
+              f"{row['zero_regret_share']:8.2f}  {row['pruning_loss_points']:5.2f}")  # fmt: skip
+    print("epochs: consumed / unpruned (mean ± sd); regret: unpruned best (today's recipe) - rule's best, points; "
+          "0-regret: share of seeds with none; lost: rule's best below the unpruned best of its own schedule")
     for fid, per in result["spearman"].items():
         shown = ", ".join(f"e{e} {m:+.2f}±{s:.2f}" for e, (m, s) in sorted(per.items()))
         print(f"spearman(rung, final) {fid}: {shown}")
@@ -427,6 +432,7 @@ def main(args: argparse.Namespace) -> int:
         "regret_points": round(ours["regret_points"], 3),
         "regret_points_sd": round(ours["regret_points_sd"], 3),
         "regret_points_max": round(ours["regret_points_max"], 3),
+        "pruning_loss_points": round(ours["pruning_loss_points"], 3),
         "seeds": args.seeds,
         "trials": args.trials,
         "epochs_per_trial": epochs,
@@ -440,7 +446,7 @@ def main(args: argparse.Namespace) -> int:
         "replay_seconds": round(seconds, 1),
     }
     if args.samplers:
-        out["samplers"] = sampler_check(banks["onecycle"], trials=[8, 12, 16], startups=[4, 8, 12], seeds=args.seeds)
+        out["samplers"] = sampler_check(banks["onecycle"], trials=[5, 10, 20, 40], startups=[4, 8, 12], seeds=args.seeds)
         for name, per in out["samplers"].items():
             if isinstance(per, dict):
                 print(f"sampler {name}: " + ", ".join(f"{n} trials {v['regret_points']:.2f}±{v['regret_points_sd']:.2f}"
