@@ -17,23 +17,64 @@ measured is the *fidelity* (``[pruner] fidelity`` in a study file):
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import optuna
 
 FIDELITIES = ("plain", "probe", "ema")
 EMA_HORIZON_EPOCHS = 0.5  # the EMA fidelity averages over about this many epochs
+# Rungs before this epoch compare the plain accuracy even with the probe fidelity: after
+# one epoch most configurations are still warming up (warmup_frac up to 0.4 of the
+# trial), so a cooldown adds little there and would cost a fifth of an epoch per trial.
+PROBE_FROM_EPOCH = 2
+
+
+class RungTopKPruner(optuna.pruners.BasePruner):
+    """At each rung epoch, keep a trial only if it is among the ``keep`` best that reached that rung.
+
+    Successive halving keeps the best 1/rf of the trials at a rung, so the
+    epochs it spends grow with the trial count; a sequential study cannot
+    train every trial to the rung first and then pick the best k (the
+    "one epoch, then the top k" baseline). This rule is the sequential
+    version: a trial continues past a rung when fewer than ``keep`` trials
+    (complete, pruned or running) reported a better value at that epoch.
+    The first ``keep`` trials always continue; later ones mostly stop at the
+    first rung, and the number that continue grows like ``keep * ln(trials)``.
+    Its rungs are successive halving's: ``min_resource * reduction_factor**i``.
+    """
+
+    def __init__(self, *, keep: int, min_resource: int, reduction_factor: int, epochs: int) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self._keep = keep
+        self._rungs = set(rung_epochs("successive_halving", min_resource, reduction_factor, epochs))
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        step = trial.last_step
+        if step is None or step not in self._rungs:
+            return False
+        value = trial.intermediate_values[step]
+        if math.isnan(value):
+            return True
+        better = 0
+        for t in study.get_trials(deepcopy=False):
+            if t.number != trial.number and step in t.intermediate_values and t.intermediate_values[step] > value:
+                better += 1
+                if better >= self._keep:
+                    return True
+        return False
 
 
 def rung_epochs(kind: str, min_resource: int, reduction_factor: int, epochs: int) -> list[int]:
     """Epochs (< ``epochs``) where ``kind`` may prune: Optuna's rungs ``min_resource * rf**k``.
 
-    Hyperband's brackets start at successive rungs, so its rungs are the same set.
-    Median and none: every epoch (median) or none.
+    Hyperband's brackets start at successive rungs, so its rungs are the same set;
+    rung_top_k uses them too. Median: every epoch.
     """
     if kind == "median":
         return list(range(1, epochs))
-    if kind not in ("hyperband", "successive_halving"):
+    if kind not in ("hyperband", "successive_halving", "rung_top_k"):
         return []
     out, r = [], min_resource
     while r < epochs:
@@ -43,8 +84,10 @@ def rung_epochs(kind: str, min_resource: int, reduction_factor: int, epochs: int
 
 
 def make_pruner(kind: str, *, min_resource: int, reduction_factor: int, epochs: int,
-                n_startup_trials: int = 5, n_warmup_steps: int = 1) -> optuna.pruners.BasePruner:  # fmt: skip
+                n_startup_trials: int = 5, n_warmup_steps: int = 1, keep: int = 2) -> optuna.pruners.BasePruner:  # fmt: skip
     """The Optuna pruner of ``kind``; resources are epochs."""
+    if kind == "rung_top_k":
+        return RungTopKPruner(keep=keep, min_resource=min_resource, reduction_factor=reduction_factor, epochs=epochs)
     if kind == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=min_resource, max_resource=epochs, reduction_factor=reduction_factor)
     if kind == "successive_halving":
@@ -59,12 +102,15 @@ def probe_epochs(spec: Any) -> list[int]:
     p = spec.pruner
     if getattr(p, "fidelity", "plain") != "probe":
         return []
-    return rung_epochs(p.kind, p.min_resource, p.reduction_factor, spec.epochs)
+    return [e for e in rung_epochs(p.kind, p.min_resource, p.reduction_factor, spec.epochs) if e >= PROBE_FROM_EPOCH]
 
 
 def trial_params(spec: Any, params: Any) -> Any:
-    """``params`` as the study's fidelity trains them: the probe fidelity needs the wsd schedule."""
-    if getattr(spec.pruner, "fidelity", "plain") == "probe":
+    """``params`` as the study's fidelity trains them: the probe fidelity needs the wsd schedule.
+
+    A study that never prunes (kind "none") keeps the search space's schedule.
+    """
+    if getattr(spec.pruner, "fidelity", "plain") == "probe" and spec.pruner.kind != "none":
         return params.replace(schedule="wsd")
     return params
 

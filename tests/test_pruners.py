@@ -53,7 +53,8 @@ def test_ema_accuracy_is_recorded_and_reported() -> None:
 def test_fidelity_settings_follow_the_study_file() -> None:
     spec = load_spec("fast")
     probe = spec.replace(pruner=PrunerSpec(kind="successive_halving", min_resource=1, reduction_factor=3, fidelity="probe"))
-    assert pruners.probe_epochs(probe) == pruners.rung_epochs("successive_halving", 1, 3, spec.epochs)
+    rungs = pruners.rung_epochs("successive_halving", 1, 3, spec.epochs)
+    assert pruners.probe_epochs(probe) == [e for e in rungs if e >= pruners.PROBE_FROM_EPOCH]
     assert pruners.trial_params(probe, SMALL).schedule == "wsd"
     plain = spec.replace(pruner=PrunerSpec(fidelity="plain"))
     assert pruners.probe_epochs(plain) == [] and pruners.trial_params(plain, SMALL) is SMALL
@@ -100,3 +101,46 @@ def test_draw_pruning_writes_a_png(tmp_path) -> None:  # type: ignore[no-untyped
     data = pruners.study_pruning_data(_study([([0.5, 0.6], True), ([0.2], False), ([0.4, 0.7], True)]))
     path = pruners.draw_pruning(data, tmp_path / "p.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def _rung_study(keep: int) -> optuna.Study:
+    pruner = pruners.make_pruner("rung_top_k", min_resource=1, reduction_factor=3, epochs=8, keep=keep)
+    return optuna.create_study(direction="maximize", pruner=pruner)
+
+
+def _trial_stops_at(study: optuna.Study, curve: list[float]) -> int:
+    trial = study.ask()
+    for epoch, value in enumerate(curve, 1):
+        trial.report(value, epoch)
+        if trial.should_prune():
+            study.tell(trial, state=TrialState.PRUNED)
+            return epoch
+    study.tell(trial, curve[-1])
+    return len(curve)
+
+
+def test_rung_top_k_keeps_only_the_k_best_at_each_rung() -> None:
+    study = _rung_study(keep=1)
+    assert _trial_stops_at(study, [0.5] * 8) == 8  # the first trial always continues
+    assert _trial_stops_at(study, [0.4] * 8) == 1  # worse at the first rung (epoch 1)
+    assert _trial_stops_at(study, [0.6, 0.6, 0.45] + [0.9] * 5) == 3  # best at epoch 1, not at rung 3
+    assert _trial_stops_at(study, [0.7] * 8) == 8  # best at both rungs: never pruned
+    assert _trial_stops_at(study, [0.5] + [0.99] * 7) == 1  # only rung epochs count; epoch 1 decides
+    study2 = _rung_study(keep=2)
+    assert _trial_stops_at(study2, [0.5] * 8) == 8
+    assert _trial_stops_at(study2, [0.4] * 8) == 8  # second best so far: kept
+    assert _trial_stops_at(study2, [0.3] * 8) == 1  # two did better
+    assert pruners.rung_epochs("rung_top_k", 1, 3, 8) == [1, 3]
+
+
+def test_probe_epochs_skip_the_first_rung() -> None:
+    spec = load_spec("fast").replace(epochs=8)
+    spec = spec.replace(pruner=PrunerSpec(kind="rung_top_k", min_resource=1, reduction_factor=3, fidelity="probe"))
+    assert pruners.probe_epochs(spec) == [3]  # epoch 1 compares the plain accuracy (PROBE_FROM_EPOCH)
+
+
+def test_an_unpruned_study_keeps_the_search_spaces_schedule() -> None:
+    spec = load_spec("fast")
+    assert spec.pruner.fidelity == "probe" and pruners.trial_params(spec, SMALL).schedule == "wsd"
+    none = spec.replace(pruner=PrunerSpec(kind="none", fidelity="probe"))
+    assert pruners.trial_params(none, SMALL).schedule == SMALL.schedule and pruners.probe_epochs(none) == []

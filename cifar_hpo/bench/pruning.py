@@ -64,7 +64,8 @@ def main(args: argparse.Namespace) -> int:
     per_seed = []
     for seed in range(base.seed, base.seed + max(1, getattr(args, "seeds", 1))):
         pruned_spec = base.replace(name=f"pruned-{seed}", seed=seed)
-        none_spec = base.replace(name=f"unpruned-{seed}", seed=seed, pruner=dataclasses.replace(PrunerSpec(), kind="none"))
+        today = dataclasses.replace(PrunerSpec(), kind="none", fidelity="plain")  # today's recipe, never pruned
+        none_spec = base.replace(name=f"unpruned-{seed}", seed=seed, pruner=today)
         with tempfile.TemporaryDirectory(prefix="cifar-hpo-bench-") as tmp:
             pruned = run_study(pruned_spec, data, Path(tmp))
             unpruned = run_study(none_spec, data, Path(tmp))
