@@ -102,7 +102,18 @@ def probe_epochs(spec: Any) -> list[int]:
     p = spec.pruner
     if getattr(p, "fidelity", "plain") != "probe":
         return []
-    return [e for e in rung_epochs(p.kind, p.min_resource, p.reduction_factor, spec.epochs) if e >= PROBE_FROM_EPOCH]
+    return [e for e in rung_epochs(p.kind, p.min_resource, p.reduction_factor, spec.epochs) if probes_at(e, spec.epochs)]
+
+
+def probes_at(epoch: int, epochs: int) -> bool:
+    """Whether a rung at ``epoch`` of an ``epochs``-epoch wsd trial runs a probe.
+
+    Not before `PROBE_FROM_EPOCH`, and not once the trial's own final decay has begun
+    (after ``(1 - WSD_DECAY_FRAC) * epochs``): the trial is cooling down by itself there.
+    """
+    from cifar_hpo.train import WSD_DECAY_FRAC
+
+    return PROBE_FROM_EPOCH <= epoch <= (1 - WSD_DECAY_FRAC) * epochs
 
 
 def trial_params(spec: Any, params: Any) -> Any:

@@ -42,9 +42,9 @@ class SamplerSpec:
 class PrunerSpec:
     """Which Optuna pruner stops bad trials early; resources are epochs."""
 
-    kind: str = "rung_top_k"  # measured with `cifar-hpo bench search` (docs/pruning.md)
+    kind: str = "successive_halving"  # measured with `cifar-hpo bench search` (docs/pruning.md)
     min_resource: int = 1  # epochs a trial trains before it can be pruned
-    reduction_factor: int = 3  # hyperband / successive halving: keep 1/rf per rung
+    reduction_factor: int = 4  # hyperband / successive halving: keep 1/rf per rung
     n_startup_trials: int = 5  # median: trials that are never pruned
     n_warmup_steps: int = 1  # median: epochs before pruning starts
     # What a rung compares (cifar_hpo.pruners): "plain" accuracy, a "probe" (wsd schedule,

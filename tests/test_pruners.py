@@ -54,7 +54,7 @@ def test_fidelity_settings_follow_the_study_file() -> None:
     spec = load_spec("fast")
     probe = spec.replace(pruner=PrunerSpec(kind="successive_halving", min_resource=1, reduction_factor=3, fidelity="probe"))
     rungs = pruners.rung_epochs("successive_halving", 1, 3, spec.epochs)
-    assert pruners.probe_epochs(probe) == [e for e in rungs if e >= pruners.PROBE_FROM_EPOCH]
+    assert pruners.probe_epochs(probe) == [e for e in rungs if pruners.probes_at(e, spec.epochs)] == [3]
     assert pruners.trial_params(probe, SMALL).schedule == "wsd"
     plain = spec.replace(pruner=PrunerSpec(fidelity="plain"))
     assert pruners.probe_epochs(plain) == [] and pruners.trial_params(plain, SMALL) is SMALL
@@ -137,6 +137,8 @@ def test_probe_epochs_skip_the_first_rung() -> None:
     spec = load_spec("fast").replace(epochs=8)
     spec = spec.replace(pruner=PrunerSpec(kind="rung_top_k", min_resource=1, reduction_factor=3, fidelity="probe"))
     assert pruners.probe_epochs(spec) == [3]  # epoch 1 compares the plain accuracy (PROBE_FROM_EPOCH)
+    long = spec.replace(epochs=10, pruner=PrunerSpec(kind="successive_halving", min_resource=1, reduction_factor=3))
+    assert pruners.probe_epochs(long) == [3]  # rung 9 is inside the trial's own final decay (epochs 9-10)
 
 
 def test_an_unpruned_study_keeps_the_search_spaces_schedule() -> None:

@@ -27,7 +27,7 @@ def test_every_bundled_study_loads() -> None:
     assert {"baseline", "mlp", "resnet18", "densenet", "fast"} <= set(specs)
     assert specs["densenet"].model == "densenet121"
     assert specs["baseline"].sampler.kind == "tpe" and specs["baseline"].sampler.multivariate
-    assert specs["fast"].pruner.kind == "rung_top_k" and specs["fast"].pruner.fidelity == "probe"
+    assert specs["fast"].pruner.kind == "successive_halving" and specs["fast"].pruner.fidelity == "probe"
 
 
 @pytest.mark.parametrize("path", sorted(STUDIES_DIR.glob("*.toml")), ids=lambda p: p.stem)
