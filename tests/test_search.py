@@ -170,6 +170,7 @@ def test_recording_is_resumable_and_appends_one_config_at_a_time(tmp_path: Path,
     assert banks[0]["configs"][1]["params"] == banks[1]["configs"][1]["params"]  # same draws in every design
 
 
+@pytest.mark.slow
 def test_recording_trains_real_curves_on_tiny_data(tmp_path: Path) -> None:
     from cifar_hpo.spec import load_spec
     from tests.test_train import colour_data
@@ -188,3 +189,31 @@ def test_recording_trains_real_curves_on_tiny_data(tmp_path: Path) -> None:
     banks = search.load_banks(paths)
     table = compare(banks, [Rule("none", "none")], trials=2, seeds=2)["table"]
     assert table["none"]["epochs_ratio"] == pytest.approx(1.0)
+
+
+def test_bench_search_json_on_bank_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cifar_hpo import cli
+
+    paths = []
+    for design, bank in _banks(m=16).items():
+        path = tmp_path / f"{design}.json"
+        path.write_text(json.dumps(bank))
+        paths.append(path)
+    plot = tmp_path / "search.png"
+    argv = ["bench", "search", "--bank", str(paths[0]), "--bank", str(paths[1]), "--trials", "12", "--seeds", "20",
+            "--plot", str(plot), "--json"]  # fmt: skip
+    assert cli.main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["seeds"] == 20 and out["trials"] == 12
+    assert out["rules"]["none"]["epochs_ratio"] == 1.0
+    assert 0 < out["epochs_ratio"] < 1 and out["epochs_ratio"] == round(out["rules"]["ours"]["epochs_ratio"], 4)
+    assert out["regret_points"] == round(out["rules"]["ours"]["regret_points"], 3)
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_search_without_a_bank_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cifar_hpo import cli
+
+    assert cli.main(["bench", "search", "--no-record", "--bank-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no onecycle bank" in err and "Traceback" not in err
