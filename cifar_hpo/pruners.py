@@ -9,9 +9,11 @@ measured is the *fidelity* (``[pruner] fidelity`` in a study file):
   behaviour; with a schedule that decays over the whole trial it is measured at
   a high learning rate and ranks configurations poorly).
 - ``probe``: the trial trains with a warmup-stable-decay schedule
-  (``schedule = "wsd"``) and at each rung a short cooldown branch off the stable
-  weights is evaluated while the trial continues (`train.train`'s
-  ``probe_epochs``); the branch's steps are real cost and counted by the replay.
+  (``schedule = "wsd"``) and at each rung from epoch `PROBE_FROM_EPOCH` up to the
+  start of its own final decay a short cooldown branch off the stable weights is
+  evaluated while the trial continues (`train.train`'s ``probe_epochs``); the
+  branch's steps are real cost and counted by the replay. The default of every
+  bundled study (successive halving, reduction factor 4); see docs/pruning.md.
 - ``ema``: the accuracy of an EMA of the weights (one extra evaluation per epoch).
 """
 
