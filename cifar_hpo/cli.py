@@ -166,6 +166,18 @@ def _parser_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save", type=Path, default=None, help="write the trained weights to this checkpoint")
 
 
+def _add_bank_flags(b: argparse.ArgumentParser) -> None:
+    _add_data_flags(b, default="cifar10")
+    _add_device_flag(b)
+    b.add_argument("--study", default="fast", help="study whose search space is sampled (default: fast)")
+    b.add_argument("--configs", type=int, default=32, help="configurations in the bank (default: 32)")
+    b.add_argument("--epochs", type=int, default=8, help="epochs per configuration (default: 8)")
+    b.add_argument("--train-images", type=int, default=2500, help="stratified training subset (default: 2500)")
+    b.add_argument("--val-images", type=int, default=2500, help="stratified validation subset (default: 2500)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the draws and the subset (default: 0)")
+    b.add_argument("--bank-dir", type=Path, default=None, help="where banks are kept (default: $CIFAR_HPO_CACHE/banks)")
+
+
 def _parser_bench(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="bench", metavar="WHAT", required=True)
     b = sub.add_parser("data", help="images/s of augmented batches: ours vs a DataLoader with PIL transforms")
@@ -200,9 +212,23 @@ def _parser_bench(p: argparse.ArgumentParser) -> None:
     b.add_argument("--epochs", type=int, default=6, help="epochs per trial (default: 6)")
     b.add_argument("--subset", type=int, default=4000, help="training images (default: 4000)")
     b.add_argument("--seed", type=int, default=0, help="sampler seed (default: 0)")
+    b.add_argument("--seeds", type=int, default=1, help="pairs of studies, sampler seeds seed.. (default: 1)")
     b.add_argument("--pruner", default=None, choices=["hyperband", "successive_halving", "median"],
                    help="pruner to compare with none (default: the fast study file's)")
     b.add_argument("--reduction-factor", type=int, default=None, help="hyperband/successive halving reduction factor")
+    _add_json_flag(b)
+    b = sub.add_parser("curves", help="record learning-curve banks (per-epoch validation accuracy) from real training")
+    _add_bank_flags(b)
+    b.add_argument("--designs", default="onecycle,wsd", help="fidelity designs, comma-separated (default: onecycle,wsd)")
+    b = sub.add_parser("search", help="replay pruning rules on recorded learning curves over many seeds")
+    _add_bank_flags(b)
+    b.add_argument("--trials", type=int, default=24, help="trials per replayed study (default: 24)")
+    b.add_argument("--seeds", type=int, default=20, help="draws replayed (default: 20)")
+    b.add_argument("--topk", type=int, default=None, help="k of the one-epoch-top-k baseline (default: a third of the epochs)")
+    b.add_argument("--bank", action="append", default=[], help="replay these bank files instead (repeatable)")
+    b.add_argument("--no-record", action="store_true", help="replay the cached banks as they are, even if partial")
+    b.add_argument("--samplers", action="store_true", help="also compare TPE with random search on the bank")
+    b.add_argument("--plot", default=None, help="write the best-vs-epochs figure to this PNG")
     _add_json_flag(b)
     b = sub.add_parser("faults", help="kill workers during a study; count trials finished, lost and left RUNNING")
     _add_storage_flag(b)

@@ -108,7 +108,7 @@ def suggest_params(spec: StudySpec, trial: optuna.trial.BaseTrial) -> TrialParam
 
 def objective(trial: optuna.Trial, ctx: Context) -> float:
     """Train one trial; return its best validation accuracy."""
-    from cifar_hpo import models, train
+    from cifar_hpo import models, pruners, train
 
     root = storage.retried_trial_number(trial)
     lineage = trial.number if root is None else root
@@ -119,7 +119,7 @@ def objective(trial: optuna.Trial, ctx: Context) -> float:
     n_done = finished_count(trial.study)
     model: torch.nn.Module | None = None
     try:
-        params = suggest_params(ctx.spec, trial)
+        params = pruners.trial_params(ctx.spec, suggest_params(ctx.spec, trial))  # the fidelity may set the schedule
         trial.set_user_attr("trial_params", params.to_dict())
         trial.set_user_attr("seed", seed)
         trial.set_user_attr("split_hash", ctx.data.split_hash)
@@ -146,7 +146,7 @@ def objective(trial: optuna.Trial, ctx: Context) -> float:
             if not math.isfinite(result.val_loss):
                 return  # train() ends this run with status "nonfinite" itself
             if result.epoch not in reported:
-                trial.report(result.val_acc, result.epoch)
+                trial.report(train.rung_acc(result), result.epoch)
             if result.val_acc > best["acc"] and model is not None:
                 best.update(acc=result.val_acc, epoch=result.epoch,
                             state={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})  # fmt: skip
@@ -158,7 +158,8 @@ def objective(trial: optuna.Trial, ctx: Context) -> float:
                 raise optuna.TrialPruned(f"pruned after epoch {result.epoch} at val_acc {result.val_acc:.4f}")
 
         try:
-            history = train.train(model, ctx.data, params, epochs=ctx.spec.epochs, seed=seed, on_epoch=on_epoch, resume=resume)
+            history = train.train(model, ctx.data, params, epochs=ctx.spec.epochs, seed=seed, on_epoch=on_epoch, resume=resume,
+                                  probe_epochs=pruners.probe_epochs(ctx.spec), ema_horizon=pruners.ema_horizon(ctx.spec))
         except optuna.TrialPruned:
             ctx.until_written(lambda: _record(trial, ctx, started, None, best))
             shutil.rmtree(folder, ignore_errors=True)

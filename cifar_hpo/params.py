@@ -15,7 +15,7 @@ from typing import Any
 from cifar_hpo.errors import UserError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("onecycle", "cosine", "constant")
+SCHEDULES = ("onecycle", "cosine", "constant", "wsd")
 AUG_OPS = ("translate", "flip", "rotate", "cutout")  # implemented in augment.py (augment.OPS is this tuple)
 PRECISIONS = ("auto", "fp32", "bf16")
 

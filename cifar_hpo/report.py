@@ -713,6 +713,7 @@ validation split.</p>
 
 def main(args: argparse.Namespace) -> int:
     """``cifar-hpo report``."""
+    from cifar_hpo import pruners
     results: Path = args.results
     out: Path = args.out or results / "report"
     finals = find_finals(results)
@@ -748,6 +749,9 @@ def main(args: argparse.Namespace) -> int:
         if imp["note"]:
             notes.append(f"{name}: parameter importances: {imp['note']}")
         figures.append(draw_intermediate(inter, out / f"study_{name}_intermediate.png"))
+        study_plots[name]["pruning"] = prune = pruners.study_pruning_data(study)  # best vs epochs, rung rank correlation
+        figures.append(pruners.draw_pruning(prune, out / f"study_{name}_pruning.png"))
+        notes.append(pruners.pruning_line(prune))
 
     names = [p.name for p in figures]
     summary = {"rows": rows, "baseline": BASELINE, "notes": notes, "figures": names, "curves": curves,

@@ -96,6 +96,10 @@ def make_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     """The spec's pruner; resources are epochs."""
     p = spec.pruner
+    if p.kind == "rung_top_k":
+        from cifar_hpo.pruners import make_pruner as ours
+
+        return ours(p.kind, min_resource=p.min_resource, reduction_factor=p.reduction_factor, epochs=spec.epochs, keep=p.keep)
     if p.kind == "hyperband":
         return optuna.pruners.HyperbandPruner(
             min_resource=p.min_resource, max_resource=spec.epochs, reduction_factor=p.reduction_factor

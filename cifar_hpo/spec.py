@@ -58,7 +58,8 @@ def bundled(folder: str) -> Path:
 STUDIES_DIR = bundled("studies")
 SEARCH_SPACES = "cifar_hpo.search_spaces"  # the package search_space names live in
 SAMPLERS = ("tpe", "random")
-PRUNERS = ("hyperband", "successive_halving", "median", "none")
+PRUNERS = ("hyperband", "successive_halving", "rung_top_k", "median", "none")
+FIDELITIES = ("plain", "probe", "ema")  # as cifar_hpo.pruners.FIDELITIES (kept import-free here)
 
 
 @dataclass(frozen=True)
@@ -74,11 +75,15 @@ class SamplerSpec:
 class PrunerSpec:
     """Which Optuna pruner stops bad trials early; resources are epochs."""
 
-    kind: str = "hyperband"
+    kind: str = "successive_halving"  # measured with `cifar-hpo bench search` (docs/pruning.md)
     min_resource: int = 1  # epochs a trial trains before it can be pruned
-    reduction_factor: int = 3  # hyperband / successive halving: keep 1/rf per rung
+    reduction_factor: int = 4  # hyperband / successive halving: keep 1/rf per rung
     n_startup_trials: int = 5  # median: trials that are never pruned
     n_warmup_steps: int = 1  # median: epochs before pruning starts
+    # What a rung compares (cifar_hpo.pruners): "plain" accuracy, a "probe" (wsd schedule,
+    # cooldown branch at each rung) or an "ema" of the weights.
+    fidelity: str = "probe"
+    keep: int = 1  # rung_top_k: a trial continues past a rung while fewer than this many did better there
 
 
 @dataclass(frozen=True)
@@ -248,7 +253,9 @@ def _validate(spec: StudySpec, where: str) -> None:
     _check(spec.sampler.kind in SAMPLERS, where, "sampler.kind", f"must be one of {', '.join(SAMPLERS)}")
     _check(spec.pruner.kind in PRUNERS, where, "pruner.kind", f"must be one of {', '.join(PRUNERS)}")
     _check(spec.pruner.min_resource >= 1, where, "pruner.min_resource", "must be >= 1")
+    _check(spec.pruner.fidelity in FIDELITIES, where, "pruner.fidelity", f"must be one of {', '.join(FIDELITIES)}")
     _check(spec.pruner.reduction_factor >= 2, where, "pruner.reduction_factor", "must be >= 2")
+    _check(spec.pruner.keep >= 1, where, "pruner.keep", "must be >= 1")
     _check(0.0 < spec.data.val_fraction < 1.0, where, "data.val_fraction", "must be in (0, 1)")
     _check(spec.data.subset is None or spec.data.subset >= 20, where, "data.subset", "must be >= 20")
     load_search_space(spec.search_space, where=f"{where}: search_space")

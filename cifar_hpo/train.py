@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import math
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +35,9 @@ from cifar_hpo.params import TrialParams
 if TYPE_CHECKING:
     from cifar_hpo.data import DeviceData
 
-__all__ = ["EpochResult", "History", "Metrics", "StopTraining", "train", "evaluate", "make_optimizer", "lr_factor"]
+__all__ = [
+    "EpochResult", "History", "Metrics", "StopTraining", "train", "evaluate", "make_optimizer", "lr_factor", "rung_acc",
+]
 
 # On CUDA the loss is checked for non-finite values every this many steps (and at
 # every epoch end): a per-step check would synchronise the GPU each step. On a CPU
@@ -42,6 +45,11 @@ __all__ = ["EpochResult", "History", "Metrics", "StopTraining", "train", "evalua
 CUDA_FINITE_CHECK_EVERY = 25
 # Images used to initialise data-dependent first layers (fast_cnn's whitening).
 DATA_INIT_IMAGES = 5000
+# "wsd" (warmup-stable-decay): the share of all steps spent decaying to 0 at the end.
+WSD_DECAY_FRAC = 0.2
+# A probe (cooldown branch) at epoch k decays from the current lr to 0 over this share
+# of the steps trained so far: a complete short WSD schedule of about k * 1.2 epochs.
+PROBE_COOLDOWN_FRAC = 0.2
 
 
 class StopTraining(Exception):
@@ -61,6 +69,11 @@ class EpochResult:
     seconds: float  # this epoch, training + evaluation
     images_per_s: float  # training images per second (without evaluation)
     peak_mem_mb: float  # CUDA: max allocated since train() began; CPU: process max RSS
+    # Rung fidelity (None when not measured this epoch): accuracy of a short cooldown
+    # branch off the current weights (``probe_epochs``), and of the weights' EMA.
+    probe_acc: float | None = None
+    probe_steps: int = 0  # extra training steps the probe took (its cost)
+    ema_acc: float | None = None
 
 
 @dataclass
@@ -154,14 +167,21 @@ def lr_factor(schedule: str, step: int, total_steps: int, warmup_frac: float) ->
     All schedules warm up linearly over ``warmup_frac`` of the steps (from
     1/warmup_steps, never 0). Then: "constant" stays at 1; "cosine" decays
     along a half cosine; "onecycle" decays linearly (the triangular one-cycle
-    schedule of the fast CIFAR-10 recipes). Both reach 0 just after the last
-    step, so no step is wasted at lr 0.
+    schedule of the fast CIFAR-10 recipes); "wsd" stays at 1 and decays
+    linearly over the last `WSD_DECAY_FRAC` of the steps (its stable phase does
+    not depend on the run's length, so an early epoch is trained as it would be
+    in a shorter run: the rung fidelity of `probe_epochs`). All decays reach 0
+    just after the last step, so no step is wasted at lr 0.
     """
     warmup = int(round(warmup_frac * total_steps))
     if step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
         return 1.0
+    if schedule == "wsd":
+        decay = max(1, int(round(WSD_DECAY_FRAC * total_steps)))
+        start = max(warmup, total_steps - decay)
+        return 1.0 if step < start else max(0.0, 1.0 - (step - start) / max(1, total_steps - start))
     # [0, 1) through the decay: the first decay step runs at the peak, the last one
     # still at a small positive lr (a step at lr 0 would be wasted).
     t = min((step - warmup) / max(1, total_steps - warmup), 1.0)
@@ -190,6 +210,90 @@ def _to_cpu(obj: Any) -> Any:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def rung_acc(result: EpochResult) -> float:
+    """The accuracy a pruner compares at this epoch: the probe's when one ran, else the EMA's, else the plain one."""
+    if result.probe_acc is not None:
+        return result.probe_acc
+    return result.ema_acc if result.ema_acc is not None else result.val_acc
+
+
+def _update_ema(ema: dict[str, torch.Tensor] | None, model: nn.Module, decay: float) -> dict[str, torch.Tensor]:
+    """EMA of every floating tensor of the state (BatchNorm statistics included); other tensors copied."""
+    with torch.no_grad():
+        state = model.state_dict()
+        if ema is None:
+            return {k: v.detach().clone() for k, v in state.items()}
+        for k, v in state.items():
+            if v.is_floating_point():
+                ema[k].mul_(decay).add_(v.detach(), alpha=1.0 - decay)
+            else:
+                ema[k].copy_(v)
+    return ema
+
+
+def _evaluate_with(model: nn.Module, state: dict[str, torch.Tensor], data: DeviceData, precision: str) -> float:
+    """Validation accuracy of ``model`` with ``state`` loaded; the model's own weights are restored after."""
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        model.load_state_dict(state)
+        return evaluate(model, data.eval_x, data.eval_y, mean=data.mean, std=data.std, precision=precision).acc
+    finally:
+        model.load_state_dict(saved)
+
+
+def _probe(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: DeviceData,
+    params: TrialParams,
+    *,
+    lr: float,
+    steps: int,
+    seed: int,
+    drop_last: bool,
+    channels_last: bool,
+) -> float:
+    """Validation accuracy after a cooldown branch of ``steps`` steps (lr from ``lr`` linearly to 0).
+
+    Weights, optimizer state and the global random state are restored after, and the
+    branch draws its batches from its own generator: the run continues as if no probe ran.
+    """
+    from cifar_hpo import augment
+
+    device = data.device
+    saved_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    saved_optimizer = copy.deepcopy(optimizer.state_dict())
+    saved_rng = torch.get_rng_state()
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    done = 0
+    try:
+        model.train()
+        while done < steps:
+            for x, y in augment.train_batches(data, params.batch_size, strength=params.aug_strength, ops=params.aug_ops,
+                                              generator=generator, drop_last=drop_last):  # fmt: skip
+                if done >= steps:
+                    break
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * (1.0 - done / steps)
+                with _autocast(device, params.precision):
+                    logits = model(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=params.label_smoothing)
+                if not torch.isfinite(loss):
+                    return 0.0
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                done += 1
+        return evaluate(model, data.eval_x, data.eval_y, mean=data.mean, std=data.std, precision=params.precision).acc
+    finally:
+        model.load_state_dict(saved_model)
+        optimizer.load_state_dict(saved_optimizer)
+        torch.set_rng_state(saved_rng)
 
 
 # ---------------------------------------------------------------- evaluate
@@ -257,6 +361,8 @@ def train(
     seed: int = 0,
     on_epoch: Callable[[EpochResult, Callable[[], dict[str, Any]]], None] | None = None,
     resume: dict[str, Any] | None = None,
+    probe_epochs: Collection[int] = (),
+    ema_horizon: float | None = None,
 ) -> History:
     """Train ``model`` on ``data`` for ``epochs`` epochs with the recipe in ``params``.
 
@@ -283,6 +389,14 @@ def train(
         resume: a snapshot from an earlier run of the same params: training
             continues after its epoch with the same weights, optimizer state,
             schedule position and random state.
+        probe_epochs: after these epochs (before the last), a cooldown branch
+            trains a copy of the weights `PROBE_COOLDOWN_FRAC` of the steps so far
+            more, with the lr decaying linearly from its current value to 0, and
+            evaluates it (``EpochResult.probe_acc``, its steps in ``probe_steps``);
+            the run then continues from the saved weights, optimizer and random
+            state, so the run's own history is the same with or without probes.
+        ema_horizon: also evaluate an exponential moving average of the weights
+            (``EpochResult.ema_acc``), averaging over about this many epochs.
 
     Returns:
         The `History`; status "nonfinite" when a non-finite loss stopped the run
@@ -313,6 +427,8 @@ def train(
     optimizer = make_optimizer(model, params)
     history = History(params_count=count_params(model), device=str(device))
     step, start_epoch, seconds_before = 0, 0, 0.0
+    ema: dict[str, torch.Tensor] | None = None
+    ema_decay = 1.0 - 1.0 / max(1.0, (ema_horizon or 0.0) * steps_per_epoch)
 
     if resume is not None:
         if resume.get("params") != params.to_dict():
@@ -327,6 +443,8 @@ def train(
         generator.set_state(resume["rng"]["generator"].cpu())
         if device.type == "cuda" and "cuda" in resume["rng"]:
             torch.cuda.set_rng_state(resume["rng"]["cuda"].cpu(), device)
+        if ema_horizon is not None and resume.get("ema") is not None:
+            ema = {k: v.to(device) for k, v in resume["ema"].items()}
     else:
         init = getattr(model, "init_from_data", None)
         if callable(init):
@@ -375,6 +493,8 @@ def train(
             loss.backward()
             optimizer.step()
             step += 1
+            if ema_horizon is not None:
+                ema = _update_ema(ema, model, min(ema_decay, (1 + step) / (10 + step)))
             loss_sum += loss.detach() * len(y)
             correct += (logits.detach().argmax(1) == y).sum()
             seen += len(y)
@@ -388,6 +508,13 @@ def train(
         train_seconds = time.perf_counter() - t0
         # The eager model: a compiled one would recompile for eval mode and the ragged last batch.
         metrics = evaluate(model, data.eval_x, data.eval_y, mean=data.mean, std=data.std, precision=params.precision)
+        probe_acc, probe_steps, ema_acc = None, 0, None
+        if epoch in probe_epochs and epoch < epochs:
+            probe_steps = max(1, int(round(PROBE_COOLDOWN_FRAC * step)))
+            probe_acc = _probe(model, optimizer, data, params, lr=lr, steps=probe_steps, seed=seed * 1009 + epoch,
+                               drop_last=drop_last, channels_last=channels_last)  # fmt: skip
+        if ema is not None:
+            ema_acc = _evaluate_with(model, ema, data, params.precision)
         result = EpochResult(
             epoch=epoch,
             train_loss=float(loss_sum.item()) / max(1, seen),
@@ -398,12 +525,15 @@ def train(
             seconds=time.perf_counter() - t0,
             images_per_s=seen / max(train_seconds, 1e-9),
             peak_mem_mb=_peak_mem_mb(device),
+            probe_acc=probe_acc,
+            probe_steps=probe_steps,
+            ema_acc=ema_acc,
         )
         history.epochs.append(result)
         history.seconds = seconds_before + time.perf_counter() - t_start
         if on_epoch is not None:
 
-            def snapshot(epoch: int = epoch, step: int = step) -> dict[str, Any]:
+            def snapshot(epoch: int = epoch, step: int = step, ema: dict[str, torch.Tensor] | None = ema) -> dict[str, Any]:
                 rng = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
                 if device.type == "cuda":
                     rng["cuda"] = torch.cuda.get_rng_state(device)
@@ -418,6 +548,7 @@ def train(
                         "rng": rng,
                         "params": params.to_dict(),
                         "seed": seed,
+                        "ema": ema,
                     }
                 )
 

@@ -27,7 +27,7 @@ def test_every_bundled_study_loads() -> None:
     assert {"baseline", "mlp", "resnet18", "densenet", "fast"} <= set(specs)
     assert specs["densenet"].model == "densenet121"
     assert specs["baseline"].sampler.kind == "tpe" and specs["baseline"].sampler.multivariate
-    assert specs["fast"].pruner.kind == "hyperband"
+    assert specs["fast"].pruner.kind == "successive_halving" and specs["fast"].pruner.fidelity == "probe"
 
 
 @pytest.mark.parametrize("path", sorted(STUDIES_DIR.glob("*.toml")), ids=lambda p: p.stem)
@@ -89,7 +89,7 @@ def test_studies_command_lists_each_with_description(capsys: pytest.CaptureFixtu
 
 def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
     parser = cli.build_parser()
-    names = list(cli.COMMANDS) + [f"bench {w}" for w in ("data", "train", "time-to-accuracy", "pruning", "faults")]
+    names = list(cli.COMMANDS) + [f"bench {w}" for w in ("data", "train", "time-to-accuracy", "pruning", "faults", "curves", "search")]
     for name in names:
         with pytest.raises(SystemExit) as e:
             parser.parse_args([*name.split(), "--help"])

@@ -17,6 +17,8 @@ MODULES = {
     "time-to-accuracy": "cifar_hpo.bench.time_to_accuracy",
     "pruning": "cifar_hpo.bench.pruning",
     "faults": "cifar_hpo.bench.faults",
+    "curves": "cifar_hpo.bench.curves",
+    "search": "cifar_hpo.bench.search",
 }
 
 

@@ -1,12 +1,16 @@
-"""``cifar-hpo bench pruning``: the same small study with the default pruner and with none.
+"""``cifar-hpo bench pruning``: the same small study with the default pruner and with none, live.
 
-    cifar-hpo bench pruning --data ../shared/data/cifar10-jpeg.tar.gz --json
+    cifar-hpo bench pruning --data ../shared/data/cifar10-jpeg.tar.gz --seeds 3 --json
 
-Both studies use the `fast` study file's model, search space and sampler
-seed, a stratified subset of real images and a few epochs per trial, in
-throwaway SQLite databases. Reported: total epochs trained and best
-validation accuracy of each, and their ratios. Target: the pruned study
-trains <= 35% of the epochs of the unpruned one, with its best within 1 point.
+Both studies use the `fast` study file's model, search space, pruner (kind,
+reduction factor, min resource, fidelity) and sampler seed, a stratified
+subset of real images and a few epochs per trial, in throwaway SQLite
+databases; ``--seeds K`` repeats the pair for sampler seeds seed..seed+K-1.
+The unpruned study trains today's recipe (plain fidelity, the search space's
+schedule). Reported: epochs trained (cooldown probes included, as
+``bench search`` counts them) and best validation accuracy of each, their
+ratio and difference, per seed and as a mean. ``bench search`` replays the
+same comparison on recorded curves over many seeds; this is its live check.
 """
 
 from __future__ import annotations
@@ -25,15 +29,21 @@ from cifar_hpo.spec import PrunerSpec, StudySpec, load_spec
 
 
 def run_study(spec: StudySpec, data: object, folder: Path) -> dict[str, float]:
-    """Run ``spec`` to completion in a fresh database; return epochs trained and best value."""
+    """Run ``spec`` to completion in a fresh database; return epochs trained (probes included) and best value."""
+    from cifar_hpo.pruners import probe_epochs
+    from cifar_hpo.train import PROBE_COOLDOWN_FRAC
+
     url = f"sqlite:///{folder}/{spec.name}.db"
     started = time.time()
     open_study(spec, url, data.split_hash)  # type: ignore[attr-defined]
     work(spec, url, folder, data, seed=spec.seed, prefix=f"[{spec.name}] ")  # the same draws in both studies
     study = optuna.load_study(study_name=spec.name, storage=url)
     trials = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+    probes = probe_epochs(spec)
+    # A probe at epoch k trains PROBE_COOLDOWN_FRAC * k epochs more (train.train's probe_steps).
+    extra = sum(PROBE_COOLDOWN_FRAC * k for t in trials for k in probes if k in t.intermediate_values and k < spec.epochs)
     return {
-        "epochs": float(sum(len(t.intermediate_values) for t in trials)),
+        "epochs": float(sum(len(t.intermediate_values) for t in trials)) + extra,
         "best": float(study.best_value),
         "pruned": float(sum(t.state == optuna.trial.TrialState.PRUNED for t in trials)),
         "seconds": time.time() - started,
@@ -51,26 +61,47 @@ def main(args: argparse.Namespace) -> int:
         )
         base = base.replace(pruner=chosen)
     data = load_data(base, args)
-    pruned_spec = base.replace(name="pruned")
-    none_spec = base.replace(name="unpruned", pruner=dataclasses.replace(PrunerSpec(), kind="none"))
-    with tempfile.TemporaryDirectory(prefix="cifar-hpo-bench-") as tmp:
-        pruned = run_study(pruned_spec, data, Path(tmp))
-        unpruned = run_study(none_spec, data, Path(tmp))
+    per_seed = []
+    for seed in range(base.seed, base.seed + max(1, getattr(args, "seeds", 1))):
+        pruned_spec = base.replace(name=f"pruned-{seed}", seed=seed)
+        today = dataclasses.replace(PrunerSpec(), kind="none", fidelity="plain")  # today's recipe, never pruned
+        none_spec = base.replace(name=f"unpruned-{seed}", seed=seed, pruner=today)
+        with tempfile.TemporaryDirectory(prefix="cifar-hpo-bench-") as tmp:
+            pruned = run_study(pruned_spec, data, Path(tmp))
+            unpruned = run_study(none_spec, data, Path(tmp))
+        per_seed.append({
+            "seed": seed,
+            "epochs_pruned": round(pruned["epochs"], 2),
+            "epochs_unpruned": int(unpruned["epochs"]),
+            "epochs_ratio": round(pruned["epochs"] / unpruned["epochs"], 4),
+            "trials_pruned": int(pruned["pruned"]),
+            "best_pruned": round(pruned["best"], 4),
+            "best_unpruned": round(unpruned["best"], 4),
+            "regret_points": round(100 * (unpruned["best"] - pruned["best"]), 2),
+            "seconds_pruned": round(pruned["seconds"], 1),
+            "seconds_unpruned": round(unpruned["seconds"], 1),
+        })  # fmt: skip
+        print(f"seed {seed}: " + ", ".join(f"{k} {v}" for k, v in per_seed[-1].items() if k != "seed"), flush=True)
+    p = base.pruner
     result = {
-        "pruner": f"{base.pruner.kind} (min_resource={base.pruner.min_resource}, reduction_factor={base.pruner.reduction_factor})",
+        "pruner": f"{p.kind} (min_resource={p.min_resource}, reduction_factor={p.reduction_factor}, fidelity={p.fidelity})",
         "trials": base.trials,
         "epochs_per_trial": base.epochs,
         "train_images": len(data.train_y),
         "device": str(data.device),
-        "epochs_pruned": int(pruned["epochs"]),
-        "epochs_unpruned": int(unpruned["epochs"]),
-        "epochs_ratio": round(pruned["epochs"] / unpruned["epochs"], 4),
-        "trials_pruned": int(pruned["pruned"]),
-        "best_pruned": round(pruned["best"], 4),
-        "best_unpruned": round(unpruned["best"], 4),
-        "best_diff_points": round(100 * (pruned["best"] - unpruned["best"]), 2),
-        "seconds_pruned": round(pruned["seconds"], 1),
-        "seconds_unpruned": round(unpruned["seconds"], 1),
+        "seeds": len(per_seed),
+        "epochs_ratio": round(sum(r["epochs_ratio"] for r in per_seed) / len(per_seed), 4),
+        "regret_points": round(sum(r["regret_points"] for r in per_seed) / len(per_seed), 3),
+        "epochs_pruned": round(sum(r["epochs_pruned"] for r in per_seed), 2),
+        "epochs_unpruned": sum(r["epochs_unpruned"] for r in per_seed),
+        "best_pruned": per_seed[0]["best_pruned"],
+        "best_unpruned": per_seed[0]["best_unpruned"],
+        "best_diff_points": -per_seed[0]["regret_points"],
+        "per_seed": per_seed,
     }
-    emit(result, args.json)
+    emit({k: v for k, v in result.items() if k != "per_seed"}, False)
+    if args.json:
+        import json
+
+        print(json.dumps(result, sort_keys=True))
     return 0

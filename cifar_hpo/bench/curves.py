@@ -1,0 +1,266 @@
+"""``cifar-hpo bench curves``: record a learning-curve bank from real training.
+
+    cifar-hpo bench curves --data ../shared/data/cifar10-jpeg.tar.gz --study fast --configs 40
+
+Draws ``--configs`` configurations from the study's search space (Optuna's
+random sampler, seeded), trains each one for the study's epochs on a
+stratified subset of the training split (``--train-images``) and evaluates it
+on the whole validation split (the study's 9:1 split, never the test split)
+after every epoch. Each fidelity design (`DESIGNS`) is a bank of its own,
+recorded configuration by configuration side by side from the same draws:
+
+- ``onecycle``: today's recipe (the search space's schedule over the whole
+  trial); per epoch the plain accuracy and the accuracy of an EMA of the weights.
+- ``wsd``: warmup-stable-decay (`train.lr_factor`); at `probe_epochs` a short
+  cooldown branch off the stable weights is evaluated (`train.train`'s
+  ``probe_epochs``) while the run continues; its extra steps are recorded.
+
+Banks live in ``$CIFAR_HPO_CACHE/banks/``; a configuration is appended (the file
+rewritten atomically) as soon as it finishes, so a killed recording continues
+where it stopped. ``cifar-hpo bench search`` replays pruning rules on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+
+from cifar_hpo.errors import UserError
+
+BANK_VERSION = 1
+# What each design changes in a configuration's recipe and what it measures per epoch.
+DESIGNS: dict[str, dict[str, Any]] = {
+    "onecycle": {"schedule": None, "probes": False, "ema_horizon": 0.5},
+    "wsd": {"schedule": "wsd", "probes": True, "ema_horizon": None},
+}
+# Epochs where the wsd design records a cooldown probe (those inside the run): the
+# rungs of successive halving / hyperband with reduction factor 2, 3 or 4 from 1 epoch.
+PROBE_EPOCHS = (1, 2, 3, 4, 6, 8)
+# Cost of one evaluation of the validation split, in training epochs, per validation
+# image per training image: a forward pass without augmentation is about a third of a
+# training step (forward + backward). Used for the EMA evaluation, which is extra work.
+EVAL_COST_PER_IMAGE = 1 / 3
+
+
+@dataclass(frozen=True)
+class BankSpec:
+    """What one bank holds: a study's search space sampled ``configs`` times, trained ``epochs`` epochs."""
+
+    study: str
+    design: str
+    epochs: int
+    configs: int
+    train_images: int
+    seed: int = 0
+
+    def file_name(self, split_hash: str) -> str:
+        return f"{self.study}-{self.design}-e{self.epochs}-n{self.train_images}-m{self.configs}-s{self.seed}-{split_hash}.json"
+
+
+def banks_dir() -> Path:
+    """``$CIFAR_HPO_CACHE/banks``."""
+    from cifar_hpo.data import cache_home
+
+    return cache_home() / "banks"
+
+
+def draw_configs(study_spec: Any, count: int, seed: int) -> list[dict[str, Any]]:
+    """``count`` configurations of the study's search space from a seeded random sampler.
+
+    Each: ``params`` (Optuna's values), ``distributions`` (JSON) and ``trial_params``.
+    """
+    from cifar_hpo.objective import suggest_params
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed), direction="maximize")
+    out = []
+    for _ in range(count):
+        trial = study.ask()
+        params = suggest_params(study_spec, trial)
+        out.append(
+            {
+                "params": dict(trial.params),
+                "distributions": {k: optuna.distributions.distribution_to_json(d) for k, d in trial.distributions.items()},
+                "trial_params": params.to_dict(),
+            }
+        )
+        study.tell(trial, 0.0)
+    return out
+
+
+def subset_data(ds: Any, split: Any, train_images: int, val_images: int | None, seed: int, device: torch.device) -> Any:
+    """Stratified subsets of the split's training (and, if asked, validation) images; never the test split."""
+    import dataclasses
+    import hashlib
+
+    from cifar_hpo import data
+
+    if not 1 <= train_images <= len(split.train_idx):
+        raise UserError(f"--train-images {train_images}: the split has {len(split.train_idx)} training images; pass 1..that")
+    if val_images is not None and not 1 <= val_images <= len(split.val_idx):
+        raise UserError(f"--val-images {val_images}: the split has {len(split.val_idx)} validation images; pass 1..that")
+    rng = np.random.default_rng(seed)
+    train_idx = data._stratified_take(ds.train_y, split.train_idx, train_images, rng)
+    val_idx = split.val_idx if val_images is None else data._stratified_take(ds.train_y, split.val_idx, val_images, rng)
+    digest = hashlib.sha256(split.hash.encode())
+    for idx in (train_idx, val_idx):
+        digest.update(b"|" + idx.astype("<i8").tobytes())
+    sub = dataclasses.replace(split, train_idx=train_idx, val_idx=val_idx, hash=digest.hexdigest()[:16])
+    return data.trial_data(ds, sub, device)
+
+
+def read_bank(path: Path) -> dict[str, Any]:
+    """A bank file: ``{"header": {...}, "configs": [...]}``."""
+    try:
+        bank = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"bank {path} cannot be read ({e}); delete it to record it again") from None
+    if bank.get("header", {}).get("version") != BANK_VERSION:
+        raise UserError(f"bank {path} has another format version; delete it to record it again")
+    return bank
+
+
+def _write(path: Path, bank: dict[str, Any]) -> None:
+    from cifar_hpo.checkpoint import atomic_write_bytes
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, json.dumps(bank).encode(), mode=0o644)
+
+
+def train_config(config: dict[str, Any], design: str, data: Any, epochs: int, seed: int) -> dict[str, Any]:
+    """Train one configuration under ``design``; its per-epoch curve and costs."""
+    from cifar_hpo import models
+    from cifar_hpo.params import TrialParams
+    from cifar_hpo.train import train
+
+    how = DESIGNS[design]
+    params = TrialParams.from_dict(config["trial_params"])
+    if how["schedule"] is not None:
+        params = params.replace(schedule=how["schedule"])
+    torch.manual_seed(seed)
+    model = models.build(params, data.num_classes)
+    history = train(
+        model,
+        data,
+        params,
+        epochs=epochs,
+        seed=seed,
+        probe_epochs=PROBE_EPOCHS if how["probes"] else (),
+        ema_horizon=how["ema_horizon"],
+    )
+    n = len(data.train_y)
+    steps_per_epoch = n // params.batch_size if n >= params.batch_size else 1
+    eval_epochs = len(data.eval_y) / n * EVAL_COST_PER_IMAGE
+    return {
+        "status": history.status,
+        "steps_per_epoch": steps_per_epoch,
+        "seconds": history.seconds,
+        "val_acc": [e.val_acc for e in history.epochs],
+        "probe_acc": [e.probe_acc for e in history.epochs],
+        # Extra work per epoch, in training epochs: a probe's steps, an EMA evaluation.
+        "probe_cost": [e.probe_steps / steps_per_epoch for e in history.epochs],
+        "ema_acc": [e.ema_acc for e in history.epochs],
+        "ema_cost": eval_epochs if how["ema_horizon"] is not None else 0.0,
+    }
+
+
+def record(
+    specs: Sequence[BankSpec],
+    study_spec: Any,
+    data: Any,
+    *,
+    folder: Path,
+    log: Callable[[str], None] = print,
+) -> list[Path]:
+    """Record (or continue) one bank per spec, side by side configuration by configuration.
+
+    All specs must share study, epochs, configs, train images and seed (they differ in design).
+    """
+    configs = draw_configs(study_spec, specs[0].configs, specs[0].seed)
+    paths, banks = [], []
+    for s in specs:
+        path = folder / s.file_name(data.split_hash)
+        header = {
+            "version": BANK_VERSION,
+            "study": s.study,
+            "design": s.design,
+            "epochs": s.epochs,
+            "configs": s.configs,
+            "train_images": len(data.train_y),
+            "val_images": len(data.eval_y),
+            "seed": s.seed,
+            "split_hash": data.split_hash,
+            "device": str(data.device),
+        }
+        bank: dict[str, Any] = read_bank(path) if path.is_file() else {"header": header, "configs": []}
+        paths.append(path)
+        banks.append(bank)
+    for i, config in enumerate(configs):
+        for s, path, bank in zip(specs, paths, banks, strict=True):
+            if i < len(bank["configs"]):
+                continue
+            started = time.time()
+            curve = train_config(config, s.design, data, s.epochs, seed=s.seed * 100_003 + i)
+            bank["configs"].append({"index": i, **config, **curve})
+            _write(path, bank)
+            log(
+                f"[{s.design}] config {i + 1}/{len(configs)}: final {curve['val_acc'][-1] if curve['val_acc'] else 0:.4f} "
+                f"({time.time() - started:.0f} s)"
+            )
+    return paths
+
+
+def _specs(args: argparse.Namespace) -> tuple[Any, list[BankSpec]]:
+    from cifar_hpo.spec import load_spec
+
+    study_spec = load_spec(args.study)
+    designs = [d.strip() for d in args.designs.split(",") if d.strip()]
+    unknown = [d for d in designs if d not in DESIGNS]
+    if unknown:
+        raise UserError(f"--designs: unknown design {unknown[0]!r}; valid: {', '.join(DESIGNS)}")
+    if args.configs < 2:
+        raise UserError(f"--configs {args.configs}: a bank needs at least 2 configurations")
+    epochs = args.epochs or study_spec.epochs
+    return study_spec, [BankSpec(study_spec.name, d, epochs, args.configs, args.train_images, args.seed) for d in designs]
+
+
+def bank_paths(args: argparse.Namespace) -> list[Path]:
+    """The newest cached bank of each design that ``args`` describe, without recording anything."""
+    _, specs = _specs(args)
+    folder = args.bank_dir or banks_dir()
+    paths = []
+    for s in specs:
+        found = sorted(folder.glob(s.file_name("*")), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise UserError(f"no {s.design} bank in {folder}; record it with `cifar-hpo bench curves` (or drop --no-record)")
+        paths.append(found[-1])
+    return paths
+
+
+def ensure(args: argparse.Namespace) -> list[Path]:
+    """Record (or finish recording) the banks ``args`` describe; their paths."""
+    from cifar_hpo import data
+    from cifar_hpo.device import resolve_device
+
+    study_spec, specs = _specs(args)
+    device = resolve_device(args.device)
+    ds = data.load_dataset(args.data or study_spec.data.source, data_dir=args.data_dir, cache_dir=args.cache_dir)
+    split = data.split_dataset(ds, val_fraction=study_spec.data.val_fraction, seed=study_spec.data.split_seed)
+    dd = subset_data(ds, split, args.train_images, args.val_images, args.seed, device)
+    return record(specs, study_spec, dd, folder=args.bank_dir or banks_dir())
+
+
+def main(args: argparse.Namespace) -> int:
+    """Record the banks of ``--designs`` for ``--study``."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for p in ensure(args):
+        print(f"bank {p}")
+    return 0

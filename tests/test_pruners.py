@@ -1,0 +1,148 @@
+"""Rung fidelities (wsd schedule, cooldown probes, EMA) and the study report's pruning check."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from cifar_hpo import models, pruners
+from cifar_hpo.spec import PrunerSpec, load_spec
+from cifar_hpo.train import WSD_DECAY_FRAC, lr_factor, rung_acc, train
+from tests.test_train import SMALL, colour_data
+
+
+def test_wsd_is_flat_until_the_final_decay() -> None:
+    total = 100
+    lrs = [lr_factor("wsd", s, total, 0.1) for s in range(total)]
+    assert lrs[5] < 1.0 and lrs[10] == 1.0  # warmup, then stable
+    stable_end = int(total * (1 - WSD_DECAY_FRAC))
+    assert all(v == 1.0 for v in lrs[10:stable_end])
+    assert lrs[stable_end + 1] < 1.0 and 0 < lrs[-1] < 0.1  # linear decay, never a step at 0
+    assert all(a >= b for a, b in zip(lrs[stable_end:], lrs[stable_end + 1 :], strict=False))
+
+
+def _run(params, probe_epochs=(), ema_horizon=None, epochs=3):  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    model = models.build(params, 3)
+    return train(model, colour_data(), params, epochs=epochs, seed=1, probe_epochs=probe_epochs, ema_horizon=ema_horizon), model
+
+
+def test_probes_measure_a_cooldown_without_changing_the_run() -> None:
+    params = SMALL.replace(schedule="wsd")
+    plain, m1 = _run(params)
+    probed, m2 = _run(params, probe_epochs=(1, 2, 3))
+    # The run continues from the saved weights, optimizer and random state: same history, same weights.
+    assert [e.val_acc for e in probed.epochs] == [e.val_acc for e in plain.epochs]
+    assert [e.train_loss for e in probed.epochs] == [e.train_loss for e in plain.epochs]
+    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values(), strict=True))
+    # A probe at epochs 1 and 2, none at the last epoch (the run's own decay ends there).
+    assert [e.probe_acc is not None for e in probed.epochs] == [True, True, False]
+    assert [e.probe_steps for e in probed.epochs][:2] == [max(1, round(0.2 * 7)), max(1, round(0.2 * 14))]
+    assert rung_acc(probed.epochs[0]) == probed.epochs[0].probe_acc
+    assert rung_acc(plain.epochs[0]) == plain.epochs[0].val_acc
+
+
+def test_ema_accuracy_is_recorded_and_reported() -> None:
+    history, _ = _run(SMALL, ema_horizon=0.5)
+    assert all(e.ema_acc is not None and 0.0 <= e.ema_acc <= 1.0 for e in history.epochs)
+    assert rung_acc(history.epochs[1]) == history.epochs[1].ema_acc
+
+
+def test_fidelity_settings_follow_the_study_file() -> None:
+    spec = load_spec("fast")
+    probe = spec.replace(pruner=PrunerSpec(kind="successive_halving", min_resource=1, reduction_factor=3, fidelity="probe"))
+    rungs = pruners.rung_epochs("successive_halving", 1, 3, spec.epochs)
+    assert pruners.probe_epochs(probe) == [e for e in rungs if pruners.probes_at(e, spec.epochs)] == [3]
+    assert pruners.trial_params(probe, SMALL).schedule == "wsd"
+    plain = spec.replace(pruner=PrunerSpec(fidelity="plain"))
+    assert pruners.probe_epochs(plain) == [] and pruners.trial_params(plain, SMALL) is SMALL
+    assert pruners.ema_horizon(spec.replace(pruner=PrunerSpec(fidelity="ema"))) == pruners.EMA_HORIZON_EPOCHS
+
+
+def test_bad_fidelity_in_a_study_file_is_named(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from cifar_hpo.errors import UserError
+
+    path = tmp_path / "s.toml"
+    path.write_text('model = "fast_cnn"\nsearch_space = "fast"\nepochs = 2\ntrials = 2\n[pruner]\nfidelity = "magic"\n')
+    with pytest.raises(UserError, match="pruner.fidelity"):
+        load_spec(str(path))
+
+
+def _study(curves: list[tuple[list[float], bool]]) -> optuna.Study:
+    study = optuna.create_study(direction="maximize", study_name="s")
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    for i, (values, complete) in enumerate(curves):
+        inter = {e + 1: v for e, v in enumerate(values)}
+        state = TrialState.COMPLETE if complete else TrialState.PRUNED
+        study.add_trial(optuna.trial.create_trial(state=state, params={"x": i / 10}, distributions=dist,
+                                                  intermediate_values=inter, value=max(values) if complete else None))  # fmt: skip
+    return study
+
+
+def test_study_pruning_data_ranks_rungs_from_completed_trials() -> None:
+    # Epoch 1 ranks the completed trials backwards (curves cross); epoch 2 ranks them right.
+    study = _study([([0.5, 0.6, 0.7], True), ([0.4, 0.7, 0.8], True), ([0.3, 0.8, 0.9], True), ([0.1], False)])
+    data = pruners.study_pruning_data(study)
+    assert data["spearman"][1] == pytest.approx(-1.0) and data["spearman"][2] == pytest.approx(1.0)
+    assert data["pruned_at"] == [1] and data["complete"] == 3 and data["pruned"] == 1
+    assert [p["epochs"] for p in data["points"]] == [3, 6, 9, 10]
+    assert [p["best"] for p in data["points"]] == [0.7, 0.8, 0.9, 0.9]
+    line = pruners.pruning_line(data)
+    assert "epoch 1 -1.00" in line and "rank trials poorly" in line
+
+
+def test_pruning_line_with_too_few_trials() -> None:
+    assert "too few completed trials" in pruners.pruning_line(pruners.study_pruning_data(_study([([0.5, 0.6], True)])))
+
+
+def test_draw_pruning_writes_a_png(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    data = pruners.study_pruning_data(_study([([0.5, 0.6], True), ([0.2], False), ([0.4, 0.7], True)]))
+    path = pruners.draw_pruning(data, tmp_path / "p.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def _rung_study(keep: int) -> optuna.Study:
+    pruner = pruners.make_pruner("rung_top_k", min_resource=1, reduction_factor=3, epochs=8, keep=keep)
+    return optuna.create_study(direction="maximize", pruner=pruner)
+
+
+def _trial_stops_at(study: optuna.Study, curve: list[float]) -> int:
+    trial = study.ask()
+    for epoch, value in enumerate(curve, 1):
+        trial.report(value, epoch)
+        if trial.should_prune():
+            study.tell(trial, state=TrialState.PRUNED)
+            return epoch
+    study.tell(trial, curve[-1])
+    return len(curve)
+
+
+def test_rung_top_k_keeps_only_the_k_best_at_each_rung() -> None:
+    study = _rung_study(keep=1)
+    assert _trial_stops_at(study, [0.5] * 8) == 8  # the first trial always continues
+    assert _trial_stops_at(study, [0.4] * 8) == 1  # worse at the first rung (epoch 1)
+    assert _trial_stops_at(study, [0.6, 0.6, 0.45] + [0.9] * 5) == 3  # best at epoch 1, not at rung 3
+    assert _trial_stops_at(study, [0.7] * 8) == 8  # best at both rungs: never pruned
+    assert _trial_stops_at(study, [0.5] + [0.99] * 7) == 1  # only rung epochs count; epoch 1 decides
+    study2 = _rung_study(keep=2)
+    assert _trial_stops_at(study2, [0.5] * 8) == 8
+    assert _trial_stops_at(study2, [0.4] * 8) == 8  # second best so far: kept
+    assert _trial_stops_at(study2, [0.3] * 8) == 1  # two did better
+    assert pruners.rung_epochs("rung_top_k", 1, 3, 8) == [1, 3]
+
+
+def test_probe_epochs_skip_the_first_rung() -> None:
+    spec = load_spec("fast").replace(epochs=8)
+    spec = spec.replace(pruner=PrunerSpec(kind="rung_top_k", min_resource=1, reduction_factor=3, fidelity="probe"))
+    assert pruners.probe_epochs(spec) == [3]  # epoch 1 compares the plain accuracy (PROBE_FROM_EPOCH)
+    long = spec.replace(epochs=10, pruner=PrunerSpec(kind="successive_halving", min_resource=1, reduction_factor=3))
+    assert pruners.probe_epochs(long) == [3]  # rung 9 is inside the trial's own final decay (epochs 9-10)
+
+
+def test_an_unpruned_study_keeps_the_search_spaces_schedule() -> None:
+    spec = load_spec("fast")
+    assert spec.pruner.fidelity == "probe" and pruners.trial_params(spec, SMALL).schedule == "wsd"
+    none = spec.replace(pruner=PrunerSpec(kind="none", fidelity="probe"))
+    assert pruners.trial_params(none, SMALL).schedule == SMALL.schedule and pruners.probe_epochs(none) == []
