@@ -749,7 +749,7 @@ def main(args: argparse.Namespace) -> int:
         if imp["note"]:
             notes.append(f"{name}: parameter importances: {imp['note']}")
         figures.append(draw_intermediate(inter, out / f"study_{name}_intermediate.png"))
-        study_plots[name]["pruning"] = prune = pruners.study_pruning_data(study)  # best vs epochs, rung rank correlation
+        study_plots[name]["pruning_check"] = prune = pruners.study_pruning_data(study)  # best vs epochs, rung rank correlation
         figures.append(pruners.draw_pruning(prune, out / f"study_{name}_pruning.png"))
         notes.append(pruners.pruning_line(prune))
 
