@@ -108,16 +108,16 @@ def _cmd_status(args: argparse.Namespace) -> int | None:
 
 def _cmd_dashboard(args: argparse.Namespace) -> int | None:
     """Start optuna-dashboard on the study storage and artifact store."""
-    from cifar_hpo import status
+    from cifar_hpo import dashboard
 
-    return status.main_dashboard(args)
+    return dashboard.main(args)
 
 
 def _cmd_retrain(args: argparse.Namespace) -> int | None:
     """Retrain the best trial on train+validation and evaluate once on the test split."""
-    from cifar_hpo import final
+    from cifar_hpo import retrain
 
-    return final.main(args)
+    return retrain.main(args)
 
 
 def _cmd_export(args: argparse.Namespace) -> int | None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import gc
 import math
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -27,9 +26,10 @@ import optuna
 import torch
 
 from cifar_hpo import checkpoint, storage
+from cifar_hpo.device import device_name, library_versions
 from cifar_hpo.errors import UserError
 from cifar_hpo.params import TrialParams
-from cifar_hpo.spec import StudySpec, default_recipe, load_search_space
+from cifar_hpo.spec import StudySpec, suggest_params
 
 KEEP_BEST = 3  # completed trials whose checkpoints are kept; the rest are deleted
 
@@ -69,41 +69,10 @@ class Context:
         return self.results / self.spec.name / "trials"
 
 
-def library_versions() -> dict[str, str]:
-    """Versions recorded with every trial and checkpoint."""
-    import torchvision
-
-    return {
-        "python": platform.python_version(),
-        "torch": str(torch.__version__),
-        "torchvision": str(torchvision.__version__),
-        "optuna": str(optuna.__version__),
-    }
-
-
-def device_name(device: torch.device) -> str:
-    """A human name for the device: the GPU model, or the CPU with its cores."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    from cifar_hpo.device import cpu_threads
-
-    return f"cpu ({platform.machine()}, {cpu_threads()} cores)"
-
-
 def finished_count(study: optuna.Study) -> int:
     """Complete + pruned trials: what ``--trials`` counts."""
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     return len(study.get_trials(deepcopy=False, states=states))
-
-
-def suggest_params(spec: StudySpec, trial: optuna.trial.BaseTrial) -> TrialParams:
-    """Run the study's search space on ``trial``; check it returned TrialParams."""
-    params = load_search_space(spec.search_space).suggest(trial, default_recipe(spec))
-    if not isinstance(params, TrialParams):
-        raise TypeError(f"search_spaces/{spec.search_space}.py suggest() returned {type(params).__name__}, not TrialParams")
-    if params.model != spec.model:
-        raise ValueError(f"search space {spec.search_space!r} built model {params.model!r}, the study file says {spec.model!r}")
-    return params
 
 
 def objective(trial: optuna.Trial, ctx: Context) -> float:

@@ -166,8 +166,7 @@ def load_checkpoint(path: Path) -> Predictor:
     """final.pt: the network rebuilt from its parameters, normalization and softmax folded in."""
     import torch
 
-    from cifar_hpo.export import deployed
-    from cifar_hpo.final import load_final
+    from cifar_hpo.finalmodel import deployed, load_final
 
     final = load_final(path)
     module = deployed(final)

@@ -399,3 +399,13 @@ def artifact_store(url: str, results: Path) -> optuna.artifacts.FileSystemArtifa
     folder = artifact_dir(url, results)
     folder.mkdir(parents=True, exist_ok=True)
     return _OwnerOnlyArtifactStore(str(folder))
+
+
+def best_value(study: optuna.Study | None) -> float | None:
+    """The study's best value, or None without a study or without a complete trial."""
+    if study is None:
+        return None
+    try:
+        return float(study.best_value)
+    except ValueError:
+        return None

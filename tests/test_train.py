@@ -327,7 +327,7 @@ def test_cli_train_prints_epochs_and_saves(image_folder: Path, tmp_path: Path, c
     assert saved["params"]["batch_size"] == 16
     assert saved["classes"] == ["cat", "dog", "frog"]
     model = models.build(TrialParams.from_dict(saved["params"]), 3)
-    model.load_state_dict(saved["model"])
+    model.load_state_dict(saved["model_state"])
 
 
 def test_cli_unknown_model_is_one_line(image_folder: Path, capsys: pytest.CaptureFixture) -> None:
