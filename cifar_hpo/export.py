@@ -48,7 +48,7 @@ from torch import nn
 
 from cifar_hpo import checkpoint
 from cifar_hpo import predict as predicting
-from cifar_hpo.errors import UserError
+from cifar_hpo.errors import UserError, first_line
 from cifar_hpo.finalmodel import FINAL_NAME, Deployed, deployed, final_path, load_final
 
 EXPORT_TOLERANCE = 1e-4  # max absolute difference in probabilities between a loaded program and the model
@@ -349,7 +349,7 @@ def main(args: argparse.Namespace) -> int:
                 )
         except Exception as e:
             path.unlink(missing_ok=True)
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             problems.append(f"{filename}: {first}" if isinstance(e, UserError) else f"{filename}: {type(e).__name__}: {first}")
             print(f"note: {filename} not written ({problems[-1]})")
             continue

@@ -25,7 +25,7 @@ from typing import Any
 import optuna
 import torch
 
-from cifar_hpo import checkpoint, storage
+from cifar_hpo import checkpoint, optuna_compat, storage
 from cifar_hpo.device import device_name, library_versions
 from cifar_hpo.errors import UserError
 from cifar_hpo.params import TrialParams
@@ -104,7 +104,7 @@ def objective(trial: optuna.Trial, ctx: Context) -> float:
         if root is not None:
             trial.set_user_attr("fail_reason", None)  # copied from the failed original; this retry has not failed
         # A retry inherits its original's reports; a retry without a snapshot re-trains those epochs.
-        reported = set(trial.storage.get_trial(trial._trial_id).intermediate_values)
+        reported = set(trial.storage.get_trial(optuna_compat.trial_id(trial)).intermediate_values)
         if resume is not None:
             trial.set_user_attr("resumed_from_epoch", int(resume["epoch"]))
             ctx.log(f"trial {trial.number}: resuming trial {lineage} from epoch {int(resume['epoch'])}")
@@ -163,7 +163,7 @@ def objective(trial: optuna.Trial, ctx: Context) -> float:
 
 def snapshot_identity(trial: optuna.Trial, ctx: Context, lineage: int) -> dict[str, Any]:
     """What a resumable snapshot belongs to: this study (not an earlier one of the same name), trial and split."""
-    uid = trial.study.user_attrs.get("uid") or f"{trial.study.study_name}#{trial.study._study_id}"
+    uid = trial.study.user_attrs.get("uid") or f"{trial.study.study_name}#{optuna_compat.study_id(trial.study)}"
     return {"study": ctx.spec.name, "study_uid": uid, "trial": lineage, "split_hash": ctx.data.split_hash}
 
 
@@ -200,7 +200,8 @@ def _record(trial: optuna.Trial, ctx: Context, started: float, history: Any, bes
     epochs = [dict(e.__dict__) for e in history.epochs] if history is not None else None
     if epochs is None:
         # Pruned: the history is not returned; rebuild the curve from the reports.
-        epochs = [{"epoch": k, "val_acc": v} for k, v in sorted(trial.storage.get_trial(trial._trial_id).intermediate_values.items())]
+        reports = trial.storage.get_trial(optuna_compat.trial_id(trial)).intermediate_values
+        epochs = [{"epoch": k, "val_acc": v} for k, v in sorted(reports.items())]
     else:
         trial.set_user_attr("images_per_s", float(sum(e["images_per_s"] for e in epochs) / max(1, len(epochs))))
         trial.set_user_attr("peak_mem_mb", float(max((e["peak_mem_mb"] for e in epochs), default=0.0)))
