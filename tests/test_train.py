@@ -231,6 +231,26 @@ def test_resume_from_snapshot_equals_uninterrupted(params: TrialParams, tmp_path
     assert _same_weights(_weights(resumed_model), _weights(full_model))
 
 
+def test_snapshot_keeps_weights_under_model_state_and_an_old_model_key_still_resumes(tmp_path: Path) -> None:
+    data = colour_data()
+    full_model, full = _run(RESUMABLE, data, epochs=2, seed=1)
+    path = tmp_path / "snap.pt"
+
+    def keep_epoch_1(r: EpochResult, snapshot) -> None:  # type: ignore[no-untyped-def]
+        if r.epoch == 1:
+            checkpoint.save(snapshot(), path)
+            raise StopTraining
+
+    _run(RESUMABLE, data, epochs=2, seed=1, on_epoch=keep_epoch_1)
+    snap = checkpoint.load(path)
+    assert "model_state" in snap and "model" not in snap  # one layout: final.pt and trial checkpoints use the same key
+    snap["model"] = snap.pop("model_state")  # a snapshot written before the key was renamed
+    resumed_model = models.build(RESUMABLE, data.num_classes)
+    resumed = train(resumed_model, data, RESUMABLE, epochs=2, seed=1, resume=snap)
+    assert _without_timing(resumed) == _without_timing(full)
+    assert _same_weights(_weights(resumed_model), _weights(full_model))
+
+
 def test_resume_with_other_params_is_refused(tmp_path: Path) -> None:
     from cifar_hpo.errors import UserError
 
