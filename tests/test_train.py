@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -208,20 +209,24 @@ def test_same_seed_same_history_and_weights() -> None:
     assert not _same_weights(_weights(m1), _weights(m3))
 
 
+def _crash_after_epoch_1(params: TrialParams, data: Any, epochs: int, path: Path) -> Any:
+    """Train with seed 1, save the snapshot of epoch 1 to ``path`` and stop there (the "crash")."""
+
+    def keep_epoch_1(r: EpochResult, snapshot) -> None:  # type: ignore[no-untyped-def]
+        if r.epoch == 1:
+            checkpoint.save(snapshot(), path)
+            raise StopTraining
+
+    return _run(params, data, epochs=epochs, seed=1, on_epoch=keep_epoch_1)[1]
+
+
 @pytest.mark.parametrize("params", [RESUMABLE, SMALL], ids=["mlp-adamw-dropout", "fast_cnn-sgd-bn"])
 def test_resume_from_snapshot_equals_uninterrupted(params: TrialParams, tmp_path: Path) -> None:
     data = colour_data()
     full_model, full = _run(params, data, epochs=3, seed=1)
 
     path = tmp_path / "snap.pt"
-
-    def keep_epoch_1(r: EpochResult, snapshot) -> None:  # type: ignore[no-untyped-def]
-        if r.epoch == 1:
-            checkpoint.save(snapshot(), path)
-            raise StopTraining  # the "crash"
-
-    _, first = _run(params, data, epochs=3, seed=1, on_epoch=keep_epoch_1)
-    assert first.status == "stopped"
+    assert _crash_after_epoch_1(params, data, 3, path).status == "stopped"
 
     torch.manual_seed(99)  # a fresh model with other weights: resume must overwrite them
     resumed_model = models.build(params, data.num_classes)
@@ -235,13 +240,7 @@ def test_snapshot_keeps_weights_under_model_state_and_an_old_model_key_still_res
     data = colour_data()
     full_model, full = _run(RESUMABLE, data, epochs=2, seed=1)
     path = tmp_path / "snap.pt"
-
-    def keep_epoch_1(r: EpochResult, snapshot) -> None:  # type: ignore[no-untyped-def]
-        if r.epoch == 1:
-            checkpoint.save(snapshot(), path)
-            raise StopTraining
-
-    _run(RESUMABLE, data, epochs=2, seed=1, on_epoch=keep_epoch_1)
+    _crash_after_epoch_1(RESUMABLE, data, 2, path)
     snap = checkpoint.load(path)
     assert "model_state" in snap and "model" not in snap  # one layout: final.pt and trial checkpoints use the same key
     snap["model"] = snap.pop("model_state")  # a snapshot written before the key was renamed
