@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from cifar_hpo.errors import UserError
+from cifar_hpo.errors import UserError, first_line
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], object], mode: int = 0o600) -> None:
@@ -123,7 +123,7 @@ def load(path: str | os.PathLike[str], map_location: str | torch.device = "cpu")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or unsafe files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise UserError(
             f"checkpoint {path} cannot be loaded safely ({type(e).__name__}: {first[:160]}); "
             "it is corrupt, truncated or not a cifar-hpo checkpoint: delete it and write it again"

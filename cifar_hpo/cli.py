@@ -5,24 +5,23 @@
     cifar-hpo retrain --study densenet
     cifar-hpo report
 
-Each subcommand is a thin call into the modules of the package. Its help
-text is the first line of its handler's docstring. Heavy imports (torch,
-optuna) happen inside the handlers so that ``--help`` answers at once.
+Each subcommand is a `Command`: the module named after it (``main(args)``),
+its one-line help and its flags. The module is imported only when the command
+runs, so ``--help`` answers at once without torch or optuna.
 Errors a user can cause are printed as one line (exit status 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from cifar_hpo.errors import UserError
-
-Handler = Callable[[argparse.Namespace], int | None]
-
 
 # ---------------------------------------------------------------- shared flags
 
@@ -60,85 +59,22 @@ def _add_results_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", type=Path, default=Path("results"), help="output folder (default: results)")
 
 
-# ---------------------------------------------------------------- handlers
+# ---------------------------------------------------------------- commands
 
 
-def _cmd_explore(args: argparse.Namespace) -> int | None:
-    """Write sample-image grids per class, augmentation previews and class counts."""
-    from cifar_hpo import explore
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: the module whose ``function(args)`` runs it, its one-line help, its flags."""
 
-    explore.main(args)
-    return 0
+    module: str
+    summary: str
+    add_args: Callable[[argparse.ArgumentParser], None]
+    function: str = "main"
 
-
-def _cmd_train(args: argparse.Namespace) -> int | None:
-    """Train one model outside any study and print per-epoch progress."""
-    from cifar_hpo import train
-
-    return train.main(args)
-
-
-def _cmd_bench(args: argparse.Namespace) -> int | None:
-    """Benchmarks measured side by side in one run (data, train, time-to-accuracy, pruning, faults)."""
-    from cifar_hpo import bench
-
-    return bench.main(args)
-
-
-def _cmd_run(args: argparse.Namespace) -> int | None:
-    """Run or resume an Optuna study until it has --trials finished trials."""
-    from cifar_hpo import run
-
-    return run.main(args)
-
-
-def _cmd_studies(args: argparse.Namespace) -> int | None:
-    """List the study files with a one-line description each."""
-    from cifar_hpo import spec
-
-    return spec.main_list(args)
-
-
-def _cmd_status(args: argparse.Namespace) -> int | None:
-    """Show a table of studies, or of one study's trials (safe while a run is going)."""
-    from cifar_hpo import status
-
-    return status.main(args)
-
-
-def _cmd_dashboard(args: argparse.Namespace) -> int | None:
-    """Start optuna-dashboard on the study storage and artifact store."""
-    from cifar_hpo import status
-
-    return status.main_dashboard(args)
-
-
-def _cmd_retrain(args: argparse.Namespace) -> int | None:
-    """Retrain the best trial on train+validation and evaluate once on the test split."""
-    from cifar_hpo import final
-
-    return final.main(args)
-
-
-def _cmd_export(args: argparse.Namespace) -> int | None:
-    """Export a final model as ONNX, a torch.export program, a checkpoint and a model card, each checked."""
-    from cifar_hpo import export
-
-    return export.main(args)
-
-
-def _cmd_predict(args: argparse.Namespace) -> int | None:
-    """Classify images with a final.pt, model.pt2 or model.onnx (ONNX Runtime, no torch needed)."""
-    from cifar_hpo import predict
-
-    return predict.main(args)
-
-
-def _cmd_report(args: argparse.Namespace) -> int | None:
-    """Compare every final model with the baseline: figures and summary tables."""
-    from cifar_hpo import report
-
-    return report.main(args)
+    def __call__(self, args: argparse.Namespace) -> int:
+        # Imported here, not at the top, so that --help answers without loading torch or optuna.
+        run = getattr(importlib.import_module(f"cifar_hpo.{self.module}"), self.function)
+        return int(run(args) or 0)
 
 
 # ---------------------------------------------------------------- parsers
@@ -306,18 +242,21 @@ def _parser_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None, help="output folder (default: RESULTS/report)")
 
 
-COMMANDS: dict[str, tuple[Handler, Callable[[argparse.ArgumentParser], None]]] = {
-    "run": (_cmd_run, _parser_run),
-    "studies": (_cmd_studies, _parser_studies),
-    "status": (_cmd_status, _parser_status),
-    "dashboard": (_cmd_dashboard, _parser_dashboard),
-    "train": (_cmd_train, _parser_train),
-    "retrain": (_cmd_retrain, _parser_retrain),
-    "report": (_cmd_report, _parser_report),
-    "export": (_cmd_export, _parser_export),
-    "predict": (_cmd_predict, _parser_predict),
-    "explore": (_cmd_explore, _parser_explore),
-    "bench": (_cmd_bench, _parser_bench),
+COMMANDS: dict[str, Command] = {
+    "run": Command("run", "Run or resume an Optuna study until it has --trials finished trials.", _parser_run),
+    "studies": Command("spec", "List the study files with a one-line description each.", _parser_studies, "main_list"),
+    "status": Command("status", "Show a table of studies, or of one study's trials (safe while a run is going).", _parser_status),
+    "dashboard": Command("dashboard", "Start optuna-dashboard on the study storage and artifact store.", _parser_dashboard),
+    "train": Command("train", "Train one model outside any study and print per-epoch progress.", _parser_train),
+    "retrain": Command("retrain", "Retrain the best trial on train+validation and evaluate once on the test split.", _parser_retrain),
+    "report": Command("report", "Compare every final model with the baseline: figures and summary tables.", _parser_report),
+    "export": Command("export", "Export a final model as ONNX, a torch.export program, a checkpoint and a model card, each checked.",
+                      _parser_export),  # fmt: skip
+    "predict": Command("predict", "Classify images with a final.pt, model.pt2 or model.onnx (ONNX Runtime, no torch needed).",
+                       _parser_predict),  # fmt: skip
+    "explore": Command("explore", "Write sample-image grids per class, augmentation previews and class counts.", _parser_explore),
+    "bench": Command("bench", "Benchmarks measured side by side in one run (data, train, time-to-accuracy, pruning, faults).",
+                     _parser_bench),  # fmt: skip
 }
 
 
@@ -329,11 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Start with: cifar-hpo studies; cifar-hpo run --study fast --trials 20",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (handler, add_args) in COMMANDS.items():
-        summary = (handler.__doc__ or "").strip().splitlines()[0]
-        p = sub.add_parser(name, help=summary, description=summary)
-        add_args(p)
-        p.set_defaults(handler=handler)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.summary, description=command.summary)
+        command.add_args(p)
+        p.set_defaults(handler=command)
     return parser
 
 

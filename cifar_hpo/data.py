@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cifar_hpo.device import cpu_threads
-from cifar_hpo.errors import UserError
+from cifar_hpo.errors import UserError, first_line
 
 if TYPE_CHECKING:  # torch is imported lazily: decoding workers must start fast
     import torch
@@ -291,6 +291,33 @@ def final_data(ds: Dataset, split: Split, device: torch.device) -> DeviceData:
     return _to_device(ds.train_x[idx], ds.train_y[idx], ds.test_x, ds.test_y, "test", ds.classes, split.hash, device)
 
 
+def study_data(
+    source: str,
+    *,
+    subset: int | None,
+    val_fraction: float,
+    split_seed: int,
+    device: str = "auto",
+    data_dir: Path | None = None,
+    cache_dir: Path | None = None,
+    final: bool = False,
+) -> DeviceData:
+    """The images a study sees, on the training device: what ``run`` and ``retrain`` train on.
+
+    Decodes (or reads from the cache) ``source``, splits it with the study's
+    ``subset``, ``val_fraction`` and ``split_seed``, and puts it on ``device``
+    (``auto``, ``cpu``, ``cuda[:N]``). Trials get train / validation
+    (`trial_data`); ``final=True`` gives train + validation / test
+    (`final_data`), for the final evaluation only.
+    """
+    from cifar_hpo.device import resolve_device
+
+    on = resolve_device(device)
+    ds = load_dataset(source, data_dir=data_dir, cache_dir=cache_dir)
+    split = split_dataset(ds, val_fraction=val_fraction, seed=split_seed, subset=subset)
+    return (final_data if final else trial_data)(ds, split, on)
+
+
 # ---------------------------------------------------------------- sources
 
 
@@ -349,7 +376,7 @@ def _ensure_cifar10(data_dir: Path, progress: bool) -> Path:
         download_and_extract_archive(CIFAR10.url, str(data_dir), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
     except Exception as e:  # network, disk and checksum errors all mean the same to the user
         raise UserError(
-            f"could not download CIFAR-10 into {data_dir} ({type(e).__name__}: {_first_line(e)}); connect to the "
+            f"could not download CIFAR-10 into {data_dir} ({type(e).__name__}: {first_line(e)}); connect to the "
             f"internet, or unpack {CIFAR10.filename} there yourself, or pass --data with an ImageFolder folder "
             "or .tar.gz (e.g. ../shared/data/cifar10-jpeg.tar.gz)"
         ) from None
@@ -441,7 +468,7 @@ def _write_cache(cache: Path, key: str, arrays: Arrays) -> None:
 
 
 def _decode_folder(root: Path, progress: bool) -> Arrays:
-    classes = _check_classes(
+    classes = _shared_classes(
         {split: _subfolders(root / split) for split in ("train", "test")},
         where=str(root),
     )
@@ -460,7 +487,7 @@ def _subfolders(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not _hidden(p.name))
 
 
-def _check_classes(found: Mapping[str, Iterable[str]], where: str) -> tuple[str, ...]:
+def _shared_classes(found: Mapping[str, Iterable[str]], where: str) -> tuple[str, ...]:
     """Return the sorted class names, which train and test must share."""
     train, test = set(found["train"]), set(found["test"])
     if not train:
@@ -494,7 +521,7 @@ def _decode_archive(path: Path, progress: bool) -> Arrays:
         if data is not None and len(parts) >= 3:
             files.append(("/".join(parts[2:]), data))
     where = f"{path}:{root}" if root else str(path)
-    classes = _check_classes(found, where)
+    classes = _shared_classes(found, where)
     items: dict[str, list[tuple[int, Item]]] = {"train": [], "test": []}
     for split, rows in items.items():
         for ci, cls in enumerate(classes):
@@ -522,7 +549,7 @@ def _read_archive(path: Path) -> list[tuple[str, bytes | None]]:
                     f = tf.extractfile(m)
                     members.append((name, f.read() if f is not None else b""))
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        raise UserError(f"archive {path} is damaged ({type(e).__name__}: {_first_line(e)}); create or download it again") from None
+        raise UserError(f"archive {path} is damaged ({type(e).__name__}: {first_line(e)}); create or download it again") from None
     return members
 
 
@@ -611,7 +638,7 @@ def decode_image(name: str, payload: bytes | Path) -> np.ndarray:
             rgb = rgb.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
         return np.asarray(rgb, dtype=np.uint8)
     except Exception as e:  # PIL raises many types (OSError, ValueError, SyntaxError, ...)
-        raise UserError(f"{name} is not a readable image ({type(e).__name__}: {_first_line(e)}); delete or replace that file") from None
+        raise UserError(f"{name} is not a readable image ({type(e).__name__}: {first_line(e)}); delete or replace that file") from None
 
 
 # ---------------------------------------------------------------- cifar-10-batches-py
@@ -675,7 +702,7 @@ def _unpickle(path: Path) -> Any:
             return _SafeUnpickler(f, encoding="latin1").load()
     except Exception as e:
         raise UserError(
-            f"{path} is not a CIFAR-10 batch file ({type(e).__name__}: {_first_line(e)}); "
+            f"{path} is not a CIFAR-10 batch file ({type(e).__name__}: {first_line(e)}); "
             "download CIFAR-10 again (--data cifar10) or replace the file"
         ) from None
 
@@ -747,11 +774,6 @@ def _stratified_take(y: np.ndarray, pool: np.ndarray, n: int, rng: np.random.Gen
     quota[order[: n - int(quota.sum())]] += 1
     taken = [rng.permutation(pool[labels == c])[:q] for c, q in zip(classes, quota, strict=True)]
     return np.sort(np.concatenate(taken)) if taken else np.empty(0, dtype=np.int64)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def _progress(total: int, what: str, enabled: bool) -> Callable[[int], None]:

@@ -1,12 +1,14 @@
-"""Resolve ``--device auto|cpu|cuda[:N]`` to a ``torch.device``; count the usable CPU cores.
+"""Device and version facts: ``--device auto|cpu|cuda[:N]`` -> ``torch.device``, usable CPU cores,
+the device's name and the library versions recorded with every trial and final model.
 
-torch is imported inside `resolve_device`, so data.py (decoding worker
+torch is imported inside the functions, so data.py (decoding worker
 processes) can use `cpu_threads` without loading torch.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 from typing import TYPE_CHECKING
 
 from cifar_hpo.errors import UserError
@@ -47,3 +49,26 @@ def cpu_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
         return max(1, os.cpu_count() or 1)
+
+
+def device_name(device: torch.device) -> str:
+    """A human name for the device: the GPU model, or the CPU with its cores."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.machine()}, {cpu_threads()} cores)"
+
+
+def library_versions() -> dict[str, str]:
+    """Versions recorded with every trial and checkpoint."""
+    import optuna
+    import torch
+    import torchvision
+
+    return {
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
+        "optuna": str(optuna.__version__),
+    }

@@ -9,3 +9,20 @@ line, without a traceback, and exits with status 2.
 
 class UserError(Exception):
     """An error caused by the user's input, reported as one line."""
+
+
+def first_line(e: BaseException, *, innermost: bool = False) -> str:
+    """The first line of an error's message, at most 200 characters; its class name when it says nothing.
+
+    SQLAlchemy's wrappers are read through their ``orig`` (the driver's own words). With
+    ``innermost``, the innermost error of the ``__cause__`` / ``__context__`` chain that says
+    something is used (a lost database surfaces wrapped in several layers).
+    """
+    chain = [e]
+    while innermost and len(chain) < 12 and (chain[-1].__cause__ or chain[-1].__context__) is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)  # type: ignore[arg-type]
+    for err in reversed(chain):
+        text = str(getattr(err, "orig", None) or err).strip()
+        if text and text != "()":
+            return text.splitlines()[0][:200]
+    return type(e).__name__

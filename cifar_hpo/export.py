@@ -48,37 +48,12 @@ from torch import nn
 
 from cifar_hpo import checkpoint
 from cifar_hpo import predict as predicting
-from cifar_hpo.errors import UserError
-from cifar_hpo.final import FINAL_NAME, build_model, final_path, load_final
+from cifar_hpo.errors import UserError, first_line
+from cifar_hpo.finalmodel import FINAL_NAME, Deployed, deployed, final_path, load_final
 
 EXPORT_TOLERANCE = 1e-4  # max absolute difference in probabilities between a loaded program and the model
 CHECK_IMAGES = 1000  # real test images each exported program is checked on (all of them when fewer)
 ONNX_OPSET = 18  # torch.onnx's default in 2.x; ONNX Runtime >= 1.16 runs it
-
-
-class Deployed(nn.Module):
-    """The network with normalization and softmax folded in.
-
-    Input: uint8 images (B, 3, H, W) in 0..255, or float images in [0, 1].
-    Output: probabilities (B, num_classes), float32.
-    """
-
-    def __init__(self, net: nn.Module, mean: list[float], std: list[float]) -> None:
-        super().__init__()
-        self.net = net
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.uint8:
-            x = x.float() / 255.0
-        x = (x.float() - self.mean) / self.std  # type: ignore[operator]
-        return torch.softmax(self.net(x).float(), dim=1)
-
-
-def deployed(final: dict[str, Any]) -> Deployed:
-    """The final model of a final.pt as a `Deployed` module (eval mode, CPU)."""
-    return Deployed(build_model(final), list(final["mean"]), list(final["std"])).eval()
 
 
 # ---------------------------------------------------------------- export
@@ -374,7 +349,7 @@ def main(args: argparse.Namespace) -> int:
                 )
         except Exception as e:
             path.unlink(missing_ok=True)
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             problems.append(f"{filename}: {first}" if isinstance(e, UserError) else f"{filename}: {type(e).__name__}: {first}")
             print(f"note: {filename} not written ({problems[-1]})")
             continue

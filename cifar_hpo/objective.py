@@ -13,7 +13,6 @@ from __future__ import annotations
 import gc
 import math
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -26,10 +25,11 @@ from typing import Any
 import optuna
 import torch
 
-from cifar_hpo import checkpoint, storage
+from cifar_hpo import checkpoint, optuna_compat, storage
+from cifar_hpo.device import device_name, library_versions
 from cifar_hpo.errors import UserError
 from cifar_hpo.params import TrialParams
-from cifar_hpo.spec import StudySpec, default_recipe, load_search_space
+from cifar_hpo.spec import StudySpec, suggest_params
 
 KEEP_BEST = 3  # completed trials whose checkpoints are kept; the rest are deleted
 
@@ -69,41 +69,10 @@ class Context:
         return self.results / self.spec.name / "trials"
 
 
-def library_versions() -> dict[str, str]:
-    """Versions recorded with every trial and checkpoint."""
-    import torchvision
-
-    return {
-        "python": platform.python_version(),
-        "torch": str(torch.__version__),
-        "torchvision": str(torchvision.__version__),
-        "optuna": str(optuna.__version__),
-    }
-
-
-def device_name(device: torch.device) -> str:
-    """A human name for the device: the GPU model, or the CPU with its cores."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    from cifar_hpo.device import cpu_threads
-
-    return f"cpu ({platform.machine()}, {cpu_threads()} cores)"
-
-
 def finished_count(study: optuna.Study) -> int:
     """Complete + pruned trials: what ``--trials`` counts."""
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     return len(study.get_trials(deepcopy=False, states=states))
-
-
-def suggest_params(spec: StudySpec, trial: optuna.trial.BaseTrial) -> TrialParams:
-    """Run the study's search space on ``trial``; check it returned TrialParams."""
-    params = load_search_space(spec.search_space).suggest(trial, default_recipe(spec))
-    if not isinstance(params, TrialParams):
-        raise TypeError(f"search_spaces/{spec.search_space}.py suggest() returned {type(params).__name__}, not TrialParams")
-    if params.model != spec.model:
-        raise ValueError(f"search space {spec.search_space!r} built model {params.model!r}, the study file says {spec.model!r}")
-    return params
 
 
 def objective(trial: optuna.Trial, ctx: Context) -> float:
@@ -135,7 +104,7 @@ def objective(trial: optuna.Trial, ctx: Context) -> float:
         if root is not None:
             trial.set_user_attr("fail_reason", None)  # copied from the failed original; this retry has not failed
         # A retry inherits its original's reports; a retry without a snapshot re-trains those epochs.
-        reported = set(trial.storage.get_trial(trial._trial_id).intermediate_values)
+        reported = set(trial.storage.get_trial(optuna_compat.trial_id(trial)).intermediate_values)
         if resume is not None:
             trial.set_user_attr("resumed_from_epoch", int(resume["epoch"]))
             ctx.log(f"trial {trial.number}: resuming trial {lineage} from epoch {int(resume['epoch'])}")
@@ -195,7 +164,7 @@ def objective(trial: optuna.Trial, ctx: Context) -> float:
 
 def snapshot_identity(trial: optuna.Trial, ctx: Context, lineage: int) -> dict[str, Any]:
     """What a resumable snapshot belongs to: this study (not an earlier one of the same name), trial and split."""
-    uid = trial.study.user_attrs.get("uid") or f"{trial.study.study_name}#{trial.study._study_id}"
+    uid = trial.study.user_attrs.get("uid") or f"{trial.study.study_name}#{optuna_compat.study_id(trial.study)}"
     return {"study": ctx.spec.name, "study_uid": uid, "trial": lineage, "split_hash": ctx.data.split_hash}
 
 
@@ -232,7 +201,8 @@ def _record(trial: optuna.Trial, ctx: Context, started: float, history: Any, bes
     epochs = [dict(e.__dict__) for e in history.epochs] if history is not None else None
     if epochs is None:
         # Pruned: the history is not returned; rebuild the curve from the reports.
-        epochs = [{"epoch": k, "val_acc": v} for k, v in sorted(trial.storage.get_trial(trial._trial_id).intermediate_values.items())]
+        reports = trial.storage.get_trial(optuna_compat.trial_id(trial)).intermediate_values
+        epochs = [{"epoch": k, "val_acc": v} for k, v in sorted(reports.items())]
     else:
         trial.set_user_attr("images_per_s", float(sum(e["images_per_s"] for e in epochs) / max(1, len(epochs))))
         trial.set_user_attr("peak_mem_mb", float(max((e["peak_mem_mb"] for e in epochs), default=0.0)))

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from cifar_hpo.errors import UserError
+from cifar_hpo.errors import UserError, first_line
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 PREDICT_BATCH = 256  # images per forward pass
@@ -90,7 +90,7 @@ def read_image(path: Path, size: tuple[int, int]) -> np.ndarray:
             rgb = rgb.resize((size[1], size[0]), Image.Resampling.BILINEAR)
         return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, ... for bad files
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise UserError(f"{path} is not a readable image ({type(e).__name__}: {first}); remove it or pass other files") from None
 
 
@@ -110,7 +110,7 @@ def onnx_session(path: Path) -> Any:
     try:
         return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise UserError(f"{path} is not a usable ONNX model ({type(e).__name__}: {first}); export it again (cifar-hpo export)") from None
 
 
@@ -150,7 +150,7 @@ def load_program(path: Path) -> Predictor:
     try:
         module = torch.export.load(str(path), extra_files=extra).module()
     except Exception as e:  # a corrupt or foreign file: torch raises many kinds
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise UserError(f"{path} is not a usable torch.export program ({type(e).__name__}: {first}); export it again") from None
     classes = _classes_beside(path, extra["classes.json"] or None)
     size = tuple(json.loads(extra["input_size.json"])) if extra["input_size.json"] else (3, 32, 32)
@@ -166,8 +166,7 @@ def load_checkpoint(path: Path) -> Predictor:
     """final.pt: the network rebuilt from its parameters, normalization and softmax folded in."""
     import torch
 
-    from cifar_hpo.export import deployed
-    from cifar_hpo.final import load_final
+    from cifar_hpo.finalmodel import deployed, load_final
 
     final = load_final(path)
     module = deployed(final)

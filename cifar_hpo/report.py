@@ -52,7 +52,7 @@ from optuna.trial import TrialState
 
 from cifar_hpo import checkpoint, storage
 from cifar_hpo.errors import UserError
-from cifar_hpo.final import FINAL_NAME, load_final
+from cifar_hpo.finalmodel import FINAL_NAME, load_final
 from cifar_hpo.plots import pyplot as _plt  # the one matplotlib setup
 
 BASELINE = "baseline"  # study whose final model is the reference
@@ -111,15 +111,6 @@ def label(final: dict[str, Any]) -> str:
     return f"{final['study']} ({final['model']}{extra})"
 
 
-def _best_value(study: optuna.Study | None) -> float | None:
-    if study is None:
-        return None
-    try:
-        return float(study.best_value)
-    except ValueError:
-        return None
-
-
 def _params_text(final: dict[str, Any]) -> str:
     if final["default_params"]:
         return f"default {final['spec'].get('recipe', 'cpu')} recipe of {final['spec']['model']}"
@@ -133,7 +124,7 @@ def summary_rows(finals: list[tuple[Path, dict[str, Any]]], studies: dict[str, o
     rows = []
     for path, f in finals:
         study = studies.get(f["study"])
-        best = _best_value(study)
+        best = storage.best_value(study)
         accs = [float(a) for a in f["test_acc"]]
         mean = float(np.mean(accs))
         rows.append(
@@ -266,7 +257,7 @@ def importance_data(study: optuna.Study) -> dict[str, Any]:
 def intermediate_data(study: optuna.Study) -> dict[str, Any]:
     """Validation accuracy per epoch of every complete and pruned trial."""
     trials = []
-    best = study.best_trial.number if _best_value(study) is not None else None
+    best = study.best_trial.number if storage.best_value(study) is not None else None
     for t in study.get_trials(deepcopy=False):
         if t.state not in (TrialState.COMPLETE, TrialState.PRUNED) or not t.intermediate_values:
             continue

@@ -29,9 +29,9 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from cifar_hpo import dashboard_notes, storage
+from cifar_hpo import dashboard_notes, optuna_compat, storage
 from cifar_hpo.checkpoint import remove_stale_tmp
-from cifar_hpo.errors import UserError
+from cifar_hpo.errors import UserError, first_line
 from cifar_hpo.objective import Context, Interrupted, finished_count, objective
 from cifar_hpo.spec import StudySpec, load_spec, save_resolved
 
@@ -158,17 +158,15 @@ def open_study(spec: StudySpec, url: str, split_hash: str, st: optuna.storages.R
 
 
 def load_data(spec: StudySpec, args: argparse.Namespace, *, final: bool = False) -> Any:
-    """Decode (or read from cache) the spec's data, split it, and put it on ``--device``.
-
-    Trials get train / validation; ``final=True`` gives train + validation / test, for final evaluation only.
-    """
+    """`data.study_data` of the spec's data, with the command's ``--device``, ``--data-dir`` and ``--cache-dir``."""
     from cifar_hpo import data
-    from cifar_hpo.device import resolve_device
 
-    device = resolve_device(getattr(args, "device", "auto"))
-    ds = data.load_dataset(spec.data.source, data_dir=getattr(args, "data_dir", None), cache_dir=getattr(args, "cache_dir", None))
-    split = data.split_dataset(ds, val_fraction=spec.data.val_fraction, seed=spec.data.split_seed, subset=spec.data.subset)
-    return (data.final_data if final else data.trial_data)(ds, split, device)
+    d = spec.data
+    return data.study_data(
+        d.source, subset=d.subset, val_fraction=d.val_fraction, split_seed=d.split_seed,
+        device=getattr(args, "device", "auto"), data_dir=getattr(args, "data_dir", None),
+        cache_dir=getattr(args, "cache_dir", None), final=final,
+    )  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -241,7 +239,7 @@ def work(spec: StudySpec, url: str, results: Path, data: Any, *, st: optuna.stor
             return value
         except Exception as e:
             if _lost_database(e):  # not the trial's fault: leave it RUNNING to be retried once, as a killed worker's
-                raise DatabaseLost(_first_line(e)) from e
+                raise DatabaseLost(first_line(e, innermost=True)) from e
             if _caused_by(e, optuna.exceptions.UpdateFinishedTrialError):
                 raise TrialTakenOver(f"trial #{trial.number} was failed as stale while it ran; its retry takes over") from e
             raise
@@ -291,7 +289,7 @@ def work(spec: StudySpec, url: str, results: Path, data: Any, *, st: optuna.stor
 
 def _tell_once(study: optuna.Study, trial: optuna.Trial, state: TrialState, value: float | None) -> None:
     """Record a finished trial's outcome unless the database has it already (a write that failed late)."""
-    frozen = study._storage.get_trial(trial._trial_id)
+    frozen = optuna_compat.study_storage(study).get_trial(optuna_compat.trial_id(trial))
     if frozen.state != TrialState.RUNNING:
         return  # written after all, or failed as stale by another worker (its retry takes over)
     study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
@@ -317,16 +315,17 @@ def _until_written(st: optuna.storages.RDBStorage, number: int | None, study: op
             what = "a trial's result" if number is None else f"trial #{number}'s result"
             if deadline is None:
                 deadline = time.time() + RECONNECT_S
-                log(f"lost the database {storage.mask_url(str(st.engine.url))} ({_first_line(e)}) while writing {what}; "
+                log(f"lost the database {storage.mask_url(str(st.engine.url))} ({first_line(e, innermost=True)}) while writing {what}; "
                     f"keeping it and trying again for up to {RECONNECT_S:g}s")  # fmt: skip
             elif time.time() > deadline:
                 raise UserError(f"the database stayed unreachable for {RECONNECT_S:g}s, so {what} could not be written "
-                                f"({_first_line(e)}); run the same command again when it is back") from None  # fmt: skip
+                                f"({first_line(e, innermost=True)}); run the same command again when it is back") from None  # fmt: skip
         time.sleep(RETRY_WRITE_S)
         st.engine.dispose()  # pooled connections may be dead (server restart) or broken (I/O error)
         if number is not None:
             with contextlib.suppress(Exception):
-                st.record_heartbeat(study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
+                tid = optuna_compat.study_storage(study).get_trial_id_from_study_id_trial_number(optuna_compat.study_id(study), number)
+                st.record_heartbeat(tid)
 
 
 def _trial_line(study: optuna.Study, t: optuna.trial.FrozenTrial) -> str:
@@ -470,7 +469,7 @@ def _reconnecting(url: str, log: Callable[[str], None], loop: Callable[[], None]
     def hook(args: threading.ExceptHookArgs) -> None:
         # A thread that dies with the connection: one line instead of a page of traceback.
         if args.exc_value is not None and _lost_database(args.exc_value):
-            log(f"heartbeat stopped: {_first_line(args.exc_value)}")
+            log(f"heartbeat stopped: {first_line(args.exc_value, innermost=True)}")
         else:
             previous_hook(args)
 
@@ -491,7 +490,7 @@ def _reconnecting(url: str, log: Callable[[str], None], loop: Callable[[], None]
                 lost += 1
                 if lost > MAX_RECONNECTS:
                     raise UserError(f"lost the database {shown} {lost} times in this run; check the server and run again") from None
-                log(f"lost the database {shown} ({_first_line(e)}); waiting up to {RECONNECT_S:g}s for it to come back; "
+                log(f"lost the database {shown} ({first_line(e, innermost=True)}); waiting up to {RECONNECT_S:g}s for it to come back; "
                     "the running trial is retried from its last snapshot")  # fmt: skip
             deadline = time.time() + RECONNECT_S
             while True:
@@ -503,26 +502,12 @@ def _reconnecting(url: str, log: Callable[[str], None], loop: Callable[[], None]
                     break
                 except (UserError, sqlalchemy.exc.DBAPIError) as e:
                     if time.time() > deadline:
-                        raise UserError(f"the database stayed unreachable for {RECONNECT_S:g}s ({_first_line(e)}); "
+                        raise UserError(f"the database stayed unreachable for {RECONNECT_S:g}s ({first_line(e, innermost=True)}); "
                                         "run the same command again when it is back: finished trials are kept") from None  # fmt: skip
                     time.sleep(2.0)
             log(f"reconnected to {shown}")
     finally:
         threading.excepthook = previous_hook
-
-
-def _first_line(e: BaseException) -> str:
-    """The first line of the innermost error that says something (the driver's own words)."""
-    chain: list[BaseException] = []
-    seen: BaseException | None = e
-    while seen is not None and len(chain) < 12:
-        chain.append(seen)
-        seen = seen.__cause__ or seen.__context__
-    for err in reversed(chain):
-        text = str(getattr(err, "orig", None) or err).strip()
-        if text and text != "()":
-            return text.splitlines()[0][:200]
-    return type(e).__name__
 
 
 MAX_WORKER_RESTARTS = 3  # per worker: a worker killed (OOM killer, kill -9) more often stays down

@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any
 from cifar_hpo.errors import UserError
 
 if TYPE_CHECKING:
+    import optuna
+
     from cifar_hpo.params import TrialParams
 
 
@@ -308,6 +310,23 @@ def default_recipe(spec: StudySpec) -> TrialParams:
     from cifar_hpo.models import default_params
 
     return default_params(spec.model, spec.recipe)
+
+
+def suggest_params(spec: StudySpec, trial: optuna.trial.BaseTrial) -> TrialParams:
+    """Run the study's search space on ``trial`` around its default recipe; check it returned TrialParams.
+
+    Raises:
+        TypeError: ``suggest`` returned something else than TrialParams.
+        ValueError: it built another model than the study file names.
+    """
+    from cifar_hpo.params import TrialParams
+
+    params = load_search_space(spec.search_space).suggest(trial, default_recipe(spec))
+    if not isinstance(params, TrialParams):
+        raise TypeError(f"search_spaces/{spec.search_space}.py suggest() returned {type(params).__name__}, not TrialParams")
+    if params.model != spec.model:
+        raise ValueError(f"search space {spec.search_space!r} built model {params.model!r}, the study file says {spec.model!r}")
+    return params
 
 
 def resolve_path(name_or_path: str, studies_dir: Path | None = None) -> Path:

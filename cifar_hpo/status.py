@@ -1,11 +1,10 @@
-"""``cifar-hpo status`` and ``cifar-hpo dashboard``: watch studies while they run.
+"""``cifar-hpo status``: watch studies while they run.
 
     cifar-hpo status                      # one line per study
     cifar-hpo status --study fast         # one line per trial
-    cifar-hpo dashboard                   # optuna-dashboard on 127.0.0.1:8080
 
-Both only read the database (no heartbeat, no writes), so they are safe to
-run beside a study in progress. Storage URLs are shown with the password masked.
+It only reads the database (no heartbeat, no writes), so it is safe to
+run beside a study in progress (so is ``cifar-hpo dashboard``, `cifar_hpo.dashboard`). Storage URLs are shown with the password masked.
 """
 
 from __future__ import annotations
@@ -103,21 +102,4 @@ def main(args: argparse.Namespace) -> int:
     for r in rows:
         r["params"] = _params_text(r["params"])
     print(_table(rows, ["trial", "state", "value", "epochs", "seconds", "params", "note"]))
-    return 0
-
-
-def main_dashboard(args: argparse.Namespace) -> int:
-    """``cifar-hpo dashboard``: optuna-dashboard on the storage and artifact store."""
-    import optuna_dashboard
-
-    url = storage.storage_url(args.storage, args.results)
-    st = storage.open_existing(url)
-    if st is None:
-        missing = storage.missing_sqlite(url)
-        raise UserError(f"no study database at {missing}; run a study first (cifar-hpo run --study NAME) or pass --storage")
-    store = storage.artifact_store(url, args.results)
-    print(f"optuna-dashboard on http://{args.host}:{args.port} for {storage.mask_url(url)} (Ctrl-C stops it)", flush=True)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print("warning: the dashboard has no login; anyone who can reach this address can read and change the studies")
-    optuna_dashboard.run_server(st, host=args.host, port=args.port, artifact_store=store)
     return 0

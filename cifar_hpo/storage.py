@@ -32,7 +32,8 @@ import sqlalchemy.exc
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
-from cifar_hpo.errors import UserError
+from cifar_hpo import optuna_compat
+from cifar_hpo.errors import UserError, first_line
 
 ENV_VAR = "CIFAR_HPO_STORAGE"
 DB_NAME = "cifar_hpo.db"
@@ -81,17 +82,14 @@ def quiet_experimental() -> Iterator[None]:
 
 
 def _retry_callback(max_retry: int | None = MAX_RETRY) -> Any:
-    # Optuna 4.9 renamed RetryFailedTrialCallback to RetryHeartbeatStaleTrialCallback
-    # (and the RDBStorage argument failed_trial_callback to heartbeat_stale_trial_callback).
-    cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
     with quiet_experimental():
-        return cls(max_retry=max_retry, inherit_intermediate_values=True)
+        return optuna_compat.retry_callback_class()(max_retry=max_retry, inherit_intermediate_values=True)
 
 
 def retried_trial_number(trial: optuna.Trial) -> int | None:
     """Number of the original trial that ``trial`` retries (after a kill or an interrupt), or None."""
     # The retry callback records the lineage's first trial under this system attribute.
-    value = trial.storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
+    value = trial.storage.get_trial_system_attrs(optuna_compat.trial_id(trial)).get("failed_trial")
     return None if value is None else int(value)
 
 
@@ -152,7 +150,7 @@ def _prepare_sqlite(url: str) -> None:
 
 def sqlite_error_text(db: Path | str, e: BaseException) -> str:
     """One line for an SQLite error on ``db`` that says what happened, without calling a healthy file damaged."""
-    reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    reason = first_line(e)
     if "not a database" in reason or "malformed" in reason:
         return f"storage {db} is not an SQLite database, or is corrupt ({reason}); move it away or pass another --storage"
     if "locked" in reason or "busy" in reason:
@@ -231,29 +229,27 @@ class _HeartbeatFromStart(optuna.storages.RDBStorage):
     restart no longer kills the heartbeat thread of a trial that goes on training.
     """
 
+    # The two private hooks of optuna_compat (CREATE_TRIAL_HOOK, STALE_TRIALS_HOOK); tests/test_optuna_compat.py
+    # fails loudly when Optuna stops calling them.
     def _create_new_trial(self, study_id: int, template_trial: optuna.trial.FrozenTrial | None = None) -> optuna.trial.FrozenTrial:
         # The private method: Optuna's cache layer (used by every Study) calls it, not create_new_trial.
         frozen = super()._create_new_trial(study_id, template_trial)
         if self.heartbeat_interval is not None and frozen.state == TrialState.RUNNING:
-            self.record_heartbeat(frozen._trial_id)
+            self.record_heartbeat(optuna_compat.trial_id(frozen))
         return frozen
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        from optuna.storages._rdb import models
-        from optuna.storages._rdb.storage import _create_scoped_session
-
         stale = super()._get_stale_trial_ids(study_id)
         # Optuna skips RUNNING trials without any heartbeat; they would block the study for ever.
-        cutoff = datetime.now(UTC).replace(tzinfo=None) - timedelta(seconds=ORPHAN_S)  # Optuna stores naive UTC
-        with _create_scoped_session(self.scoped_session, True) as session:
-            rows = (
-                session.query(models.TrialModel.trial_id, models.TrialModel._datetime_start_utc)  # type: ignore[call-overload]
-                .outerjoin(models.TrialHeartbeatModel, models.TrialHeartbeatModel.trial_id == models.TrialModel.trial_id)
-                .filter(models.TrialModel.study_id == study_id, models.TrialModel.state == TrialState.RUNNING)
-                .filter(models.TrialHeartbeatModel.trial_id.is_(None))
-                .all()
-            )
-        orphans = [tid for tid, start in rows if start is not None and start < cutoff and tid not in stale]
+        cutoff = datetime.now(UTC) - timedelta(seconds=ORPHAN_S)
+        running = {
+            optuna_compat.trial_id(t): t.datetime_start
+            for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        }
+        beating = _with_heartbeat(self.engine, [tid for tid in running if tid not in stale])
+        # datetime_start: naive local time up to Optuna 4.x, aware UTC from 5.0; astimezone reads both.
+        orphans = [tid for tid, start in running.items()
+                   if tid not in stale and tid not in beating and start is not None and start.astimezone(UTC) < cutoff]  # fmt: skip
         marked = []
         for tid in stale + orphans:
             # Said before Optuna fails it (a finished trial's attributes cannot change), so that the FAIL
@@ -282,6 +278,17 @@ class _HeartbeatFromStart(optuna.storages.RDBStorage):
         return taken
 
 
+def _with_heartbeat(engine: sqlalchemy.engine.Engine, trial_ids: list[int]) -> set[int]:
+    """Those of ``trial_ids`` that ever sent a heartbeat (a row in Optuna's heartbeat table)."""
+    if not trial_ids:
+        return set()
+    query = sqlalchemy.text(f"SELECT trial_id FROM {optuna_compat.HEARTBEAT_TABLE} WHERE trial_id IN :ids").bindparams(
+        sqlalchemy.bindparam("ids", expanding=True)
+    )
+    with engine.connect() as con:
+        return {int(row[0]) for row in con.execute(query, {"ids": trial_ids})}
+
+
 def open_storage(url: str, *, heartbeat: bool = True) -> optuna.storages.RDBStorage:
     """Open (creating if needed) the Optuna storage at ``url``.
 
@@ -302,10 +309,7 @@ def open_storage(url: str, *, heartbeat: bool = True) -> optuna.storages.RDBStor
     kwargs: dict[str, Any] = {}
     if heartbeat:
         kwargs = {"heartbeat_interval": HEARTBEAT_INTERVAL, "grace_period": GRACE_PERIOD}
-        if "heartbeat_stale_trial_callback" in optuna.storages.RDBStorage.__init__.__code__.co_varnames:
-            kwargs["heartbeat_stale_trial_callback"] = _retry_callback()
-        else:  # Optuna < 4.9
-            kwargs["failed_trial_callback"] = _retry_callback()
+        kwargs[optuna_compat.stale_callback_argument()] = _retry_callback()
     sqlite = parsed.get_backend_name() == "sqlite"
     try:
         for attempt in range(5):
@@ -330,7 +334,7 @@ def open_storage(url: str, *, heartbeat: bool = True) -> optuna.storages.RDBStor
     except (sqlalchemy.exc.SQLAlchemyError, sqlite3.Error) as e:
         if sqlite:
             raise UserError(sqlite_error_text(parsed.database or shown, e)) from None
-        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+        reason = first_line(e)
         raise UserError(f"storage {shown} cannot be opened ({reason}); check the URL and that the server is running") from None
     except RuntimeError as e:  # e.g. schema version mismatch
         raise UserError(f"storage {shown}: {e}") from None
@@ -386,12 +390,26 @@ class _OwnerOnlyArtifactStore(optuna.artifacts.FileSystemArtifactStore):
 
     Artifacts include the best trials' checkpoints; Optuna's own ``write`` creates them with the
     umask's mode (world-readable by default) and in place (a kill leaves a partial file).
+    Optuna's store keeps artifact ``ID`` at ``base_path/ID`` (its reader opens exactly that;
+    tests/test_optuna_compat.py reads ours back through Optuna's own store).
     """
+
+    def __init__(self, base_path: str | Path) -> None:
+        super().__init__(base_path)
+        self.folder = Path(base_path)
+
+    def path_of(self, artifact_id: str) -> Path:
+        """Where artifact ``artifact_id`` lives; an id that would leave the folder is refused."""
+        path = self.folder / artifact_id
+        base = os.path.abspath(self.folder)
+        if os.path.isabs(artifact_id) or os.path.commonpath([base, os.path.abspath(path)]) != base:
+            raise ValueError(f"Invalid artifact_id: {artifact_id}")
+        return path
 
     def write(self, artifact_id: str, content_body: Any) -> None:
         from cifar_hpo.checkpoint import atomic_write_bytes  # lazy: torch is not needed to read a study
 
-        atomic_write_bytes(self._get_filepath(artifact_id), content_body.read())
+        atomic_write_bytes(self.path_of(artifact_id), content_body.read())
 
 
 def artifact_store(url: str, results: Path) -> optuna.artifacts.FileSystemArtifactStore:
@@ -399,3 +417,13 @@ def artifact_store(url: str, results: Path) -> optuna.artifacts.FileSystemArtifa
     folder = artifact_dir(url, results)
     folder.mkdir(parents=True, exist_ok=True)
     return _OwnerOnlyArtifactStore(str(folder))
+
+
+def best_value(study: optuna.Study | None) -> float | None:
+    """The study's best value, or None without a study or without a complete trial."""
+    if study is None:
+        return None
+    try:
+        return float(study.best_value)
+    except ValueError:
+        return None

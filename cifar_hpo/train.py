@@ -433,7 +433,7 @@ def train(
     if resume is not None:
         if resume.get("params") != params.to_dict():
             raise UserError("the snapshot to resume from was made with different trial parameters; start a new run")
-        model.load_state_dict(resume["model"])
+        model.load_state_dict(resume["model_state"] if "model_state" in resume else resume["model"])  # "model": before 2026-11
         optimizer.load_state_dict(resume["optimizer"])
         step, start_epoch = int(resume["step"]), int(resume["epoch"])
         seconds_before = float(resume.get("seconds", 0.0))
@@ -539,7 +539,7 @@ def train(
                     rng["cuda"] = torch.cuda.get_rng_state(device)
                 return _to_cpu(
                     {
-                        "model": model.state_dict(),
+                        "model_state": model.state_dict(),
                         "optimizer": optimizer.state_dict(),
                         "step": step,
                         "epoch": epoch,
@@ -629,7 +629,7 @@ def main(args: argparse.Namespace) -> int:
     if args.save is not None:
         checkpoint.save(
             {
-                "model": _to_cpu(model.state_dict()),
+                "model_state": _to_cpu(model.state_dict()),
                 "params": params.to_dict(),
                 "classes": list(dd.classes),
                 "mean": list(dd.mean),

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import SHARED_ARCHIVE, make_image_folder, study_toml
 
-from cifar_hpo import checkpoint, cli, export, final, models, predict
+from cifar_hpo import checkpoint, cli, export, finalmodel, models, predict
 from cifar_hpo.params import TrialParams
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def test_export_runs_without_the_project(env: SimpleNamespace) -> None:
         assert (out / name).is_file(), name
     assert not (out / "model.ts").exists()  # TorchScript only with --torchscript (deprecated)
     assert not list(out.glob(".*tmp*")) and not list(out.glob("*.data"))  # one self-contained ONNX file, no leftovers
-    f = final.load_final(env.final)
+    f = finalmodel.load_final(env.final)
     copy = torch.load(out / "final.pt", weights_only=True)
     assert copy["test_acc"] == f["test_acc"] and copy["classes"] == f["classes"]
 
@@ -77,7 +77,7 @@ def test_export_runs_without_the_project(env: SimpleNamespace) -> None:
     assert got["classes"] == got["onnx_classes"] == ["cat", "dog", "frog"]
     assert got["onnx_input"] == ["images", "batch", 3, 32, 32]
     with torch.no_grad():
-        want = export.deployed(f)(x)
+        want = finalmodel.deployed(f)(x)
     for key in ("pt2", "onnx"):
         torch.testing.assert_close(torch.tensor(got[key]), want, atol=1e-5, rtol=1e-4)
     assert torch.tensor(got["onnx"]).sum(1).sub(1).abs().max() < 1e-5  # probabilities
@@ -99,7 +99,7 @@ def test_torchscript_only_on_request(env: SimpleNamespace, tmp_path: Path, capsy
     x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad(), pytest.warns(FutureWarning):  # torch.jit.load's deprecation, which the card states
         got = torch.jit.load(str(out / "model.ts"))(x)
-        torch.testing.assert_close(got, export.deployed(final.load_final(env.final))(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got, finalmodel.deployed(finalmodel.load_final(env.final))(x), atol=1e-5, rtol=1e-4)
     card = (out / "MODEL_CARD.md").read_text()
     assert "deprecated since PyTorch 2.11" in card and "| `model.ts` | 18 |" in card
     helptext = [a.help for a in cli.build_parser()._subparsers._group_actions[0].choices["export"]._actions  # type: ignore[union-attr]
@@ -114,7 +114,7 @@ def test_torchscript_only_on_request(env: SimpleNamespace, tmp_path: Path, capsy
 def test_every_model_exports_to_onnx_and_pt2(name: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
     params = models.default_params(name).replace(pretrained=False)
-    module = export.Deployed(models.build(params, 10), [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]).eval()
+    module = finalmodel.Deployed(models.build(params, 10), [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]).eval()
     example = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     classes = [f"c{i}" for i in range(10)]
     export.export_onnx(module, example, tmp_path / "m.onnx", classes)
@@ -244,11 +244,11 @@ def test_predict_matches_the_checkpoint_model(env: SimpleNamespace, capsys: pyte
     assert all(len(r["top"]) == 2 and r["top"][0]["class"] == r["class"] for r in rows)
     assert all(r["top"][0]["probability"] >= r["top"][1]["probability"] for r in rows)
     # The same images through the loaded model give the same classes (folders sorted = data order).
-    f = final.load_final(env.final)
+    f = finalmodel.load_final(env.final)
     ds = data.load_dataset(str(env.folder), cache_dir=env.root / "cache", progress=False)
     x = torch.from_numpy(ds.test_x.transpose(0, 3, 1, 2).copy())
     with torch.no_grad():
-        want = export.deployed(f)(x).argmax(1).tolist()
+        want = finalmodel.deployed(f)(x).argmax(1).tolist()
     assert [r["class"] for r in rows] == [f["classes"][i] for i in want]
     assert [Path(r["path"]).parent.name for r in rows] == [f["classes"][i] for i in ds.test_y]
 
@@ -313,14 +313,14 @@ def test_bad_input(env: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureF
           "study 'nope' has no final model")  # fmt: skip
     assert not (tmp_path / "o").exists()
     # Weights that do not fit the model the checkpoint names.
-    f = final.load_final(env.final)
+    f = finalmodel.load_final(env.final)
     mismatched = tmp_path / "mismatch.pt"
     checkpoint.save({**f, "params": TrialParams(model="mlp").to_dict()}, mismatched)
     fails(["predict", "--checkpoint", str(mismatched), str(env.folder / "test")], "do not fit model 'mlp'")
 
 
 def test_export_needs_the_models_test_images(env: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    f = final.load_final(env.final)
+    f = finalmodel.load_final(env.final)
     results = tmp_path / "res"
     checkpoint.save({**f, "data": {**f["data"], "source": str(tmp_path / "moved-away")}}, results / "demo" / "final.pt")
     out = tmp_path / "out"

@@ -19,7 +19,7 @@ import pytest
 from conftest import make_image_folder, study_toml
 from optuna.trial import TrialState
 
-from cifar_hpo import checkpoint, cli, final, storage
+from cifar_hpo import checkpoint, cli, finalmodel, storage
 from cifar_hpo.errors import UserError
 from cifar_hpo.spec import parse_spec
 
@@ -145,7 +145,7 @@ def test_exported_models_are_owner_only(made: SimpleNamespace, tmp_path: Path) -
 )
 def test_a_final_checkpoint_with_bad_fields_is_refused(made: SimpleNamespace, change: dict, fragment: str, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
-    obj = final.load_final(made.final)
+    obj = finalmodel.load_final(made.final)
     bad = tmp_path / "bad.pt"
     checkpoint.save({**obj, **change}, bad)
     code = cli.main(["predict", "--checkpoint", str(bad), str(made.image)])

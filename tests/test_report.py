@@ -16,7 +16,7 @@ from conftest import make_image_folder, study_toml
 from optuna.trial import TrialState
 
 from cifar_hpo import checkpoint, cli, report
-from cifar_hpo.final import load_final
+from cifar_hpo.finalmodel import load_final
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from conftest import make_image_folder, study_toml
 from optuna.trial import TrialState
 
 from cifar_hpo import storage
+from cifar_hpo.data import study_data
 
 
 @pytest.fixture(scope="module")
@@ -225,11 +226,10 @@ def test_concurrent_schema_creation_is_serialized(tmp_path: Path) -> None:
 
 def test_a_new_study_never_resumes_an_old_studys_snapshot(tmp_path: Path, folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 9, item 5: ``trials/0/last.pt`` left by an earlier database (another split) was resumed by a new trial 0."""
-    import argparse
 
     import torch
 
-    from cifar_hpo import checkpoint, cli, models, objective, run, train
+    from cifar_hpo import checkpoint, cli, models, objective, train
     from cifar_hpo.spec import load_spec
 
     params = models.default_params("baseline_cnn").replace(batch_size=16)
@@ -237,7 +237,9 @@ def test_a_new_study_never_resumes_an_old_studys_snapshot(tmp_path: Path, folder
     study_file = _study_file(tmp_path, epochs=2, trials=1)
     # The earlier study: another split (a subset), trained one epoch of trial 0, snapshot left behind.
     old_spec = load_spec(str(study_file)).with_overrides(data=str(folder), subset=30)
-    data = run.load_data(old_spec, argparse.Namespace(device="cpu", cache_dir=tmp_path / "cache", data_dir=None))
+    d = old_spec.data
+    data = study_data(d.source, subset=d.subset, val_fraction=d.val_fraction, split_seed=d.split_seed, device="cpu",
+                      cache_dir=tmp_path / "cache")
     snaps: list[dict] = []
     torch.manual_seed(0)
     train.train(models.build(params, data.num_classes), data, params, epochs=2,

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -208,25 +209,43 @@ def test_same_seed_same_history_and_weights() -> None:
     assert not _same_weights(_weights(m1), _weights(m3))
 
 
+def _crash_after_epoch_1(params: TrialParams, data: Any, epochs: int, path: Path) -> Any:
+    """Train with seed 1, save the snapshot of epoch 1 to ``path`` and stop there (the "crash")."""
+
+    def keep_epoch_1(r: EpochResult, snapshot) -> None:  # type: ignore[no-untyped-def]
+        if r.epoch == 1:
+            checkpoint.save(snapshot(), path)
+            raise StopTraining
+
+    return _run(params, data, epochs=epochs, seed=1, on_epoch=keep_epoch_1)[1]
+
+
 @pytest.mark.parametrize("params", [RESUMABLE, SMALL], ids=["mlp-adamw-dropout", "fast_cnn-sgd-bn"])
 def test_resume_from_snapshot_equals_uninterrupted(params: TrialParams, tmp_path: Path) -> None:
     data = colour_data()
     full_model, full = _run(params, data, epochs=3, seed=1)
 
     path = tmp_path / "snap.pt"
-
-    def keep_epoch_1(r: EpochResult, snapshot) -> None:  # type: ignore[no-untyped-def]
-        if r.epoch == 1:
-            checkpoint.save(snapshot(), path)
-            raise StopTraining  # the "crash"
-
-    _, first = _run(params, data, epochs=3, seed=1, on_epoch=keep_epoch_1)
-    assert first.status == "stopped"
+    assert _crash_after_epoch_1(params, data, 3, path).status == "stopped"
 
     torch.manual_seed(99)  # a fresh model with other weights: resume must overwrite them
     resumed_model = models.build(params, data.num_classes)
     resumed = train(resumed_model, data, params, epochs=3, seed=1, resume=checkpoint.load(path))
     assert resumed.status == "ok"
+    assert _without_timing(resumed) == _without_timing(full)
+    assert _same_weights(_weights(resumed_model), _weights(full_model))
+
+
+def test_snapshot_keeps_weights_under_model_state_and_an_old_model_key_still_resumes(tmp_path: Path) -> None:
+    data = colour_data()
+    full_model, full = _run(RESUMABLE, data, epochs=2, seed=1)
+    path = tmp_path / "snap.pt"
+    _crash_after_epoch_1(RESUMABLE, data, 2, path)
+    snap = checkpoint.load(path)
+    assert "model_state" in snap and "model" not in snap  # one layout: final.pt and trial checkpoints use the same key
+    snap["model"] = snap.pop("model_state")  # a snapshot written before the key was renamed
+    resumed_model = models.build(RESUMABLE, data.num_classes)
+    resumed = train(resumed_model, data, RESUMABLE, epochs=2, seed=1, resume=snap)
     assert _without_timing(resumed) == _without_timing(full)
     assert _same_weights(_weights(resumed_model), _weights(full_model))
 
@@ -327,7 +346,7 @@ def test_cli_train_prints_epochs_and_saves(image_folder: Path, tmp_path: Path, c
     assert saved["params"]["batch_size"] == 16
     assert saved["classes"] == ["cat", "dog", "frog"]
     model = models.build(TrialParams.from_dict(saved["params"]), 3)
-    model.load_state_dict(saved["model"])
+    model.load_state_dict(saved["model_state"])
 
 
 def test_cli_unknown_model_is_one_line(image_folder: Path, capsys: pytest.CaptureFixture) -> None:

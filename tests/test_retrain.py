@@ -13,7 +13,7 @@ import torch
 from conftest import make_image_folder, study_toml
 from optuna.trial import TrialState
 
-from cifar_hpo import checkpoint, cli, final
+from cifar_hpo import checkpoint, cli, finalmodel, retrain
 from cifar_hpo.params import TrialParams
 
 
@@ -54,7 +54,7 @@ def test_retrain_best_trial_writes_complete_safe_checkpoint(env: SimpleNamespace
     assert _retrain(env, results, "--seeds", "2") == 0
     path = results / "tiny" / "final.pt"
     f = torch.load(path, weights_only=True)  # plain containers and tensors only
-    assert set(final.FINAL_KEYS) <= set(f)
+    assert set(finalmodel.FINAL_KEYS) <= set(f)
     study = _study(env)
     best = study.best_trial
     assert f["study"] == "tiny" and f["trial"] == best.number and f["default_params"] is False
@@ -81,7 +81,7 @@ def test_retrain_best_trial_writes_complete_safe_checkpoint(env: SimpleNamespace
     from cifar_hpo import train
 
     dd = _final_data(env, f)
-    model = final.build_model(final.load_final(path))
+    model = finalmodel.build_model(finalmodel.load_final(path))
     metrics = train.evaluate(model, dd.eval_x, dd.eval_y, mean=tuple(f["mean"]), std=tuple(f["std"]))
     assert metrics.confusion.tolist() == f["confusion"][0]
     assert metrics.acc == pytest.approx(f["test_acc"][0])
@@ -241,10 +241,10 @@ def test_replay_prefers_stored_params_when_the_search_space_changed(env: SimpleN
 
     spec = load_spec(str(env.study_file))
     best = _study(env).best_trial
-    assert final.replay_params(spec, best).to_dict() == best.user_attrs["trial_params"]
+    assert retrain.replay_params(spec, best).to_dict() == best.user_attrs["trial_params"]
     edited = optuna.trial.create_trial(
         params=best.params, distributions=best.distributions, value=best.value,
         user_attrs={"trial_params": {**best.user_attrs["trial_params"], "dropout": 0.25}},
     )  # fmt: skip
-    assert final.replay_params(spec, edited).dropout == 0.25
+    assert retrain.replay_params(spec, edited).dropout == 0.25
     assert "replays trial" in capsys.readouterr().err

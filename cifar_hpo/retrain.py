@@ -26,7 +26,7 @@ validation fraction and split seed the study ran with (its ``spec`` user
 attribute) are used, so the trial's validation score and the final model come
 from the same images.
 
-Output: ``RESULTS/<study>/final.pt`` (see `FINAL_KEYS`), written atomically and
+Output: ``RESULTS/<study>/final.pt`` (its format: `cifar_hpo.finalmodel`), written atomically and
 loadable with ``torch.load(weights_only=True)``: the weights of seed 0 (the
 first seed; every seed is an equally valid sample of the recipe, and a fixed
 choice keeps the file reproducible without looking at test scores) and the
@@ -43,8 +43,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import math
 import shutil
 import sys
 import time
@@ -59,28 +57,18 @@ import torch
 from optuna.trial import TrialState
 
 from cifar_hpo import checkpoint, storage
+from cifar_hpo.data import study_data
+from cifar_hpo.device import device_name, library_versions
 from cifar_hpo.errors import UserError
-from cifar_hpo.objective import device_name, library_versions, suggest_params
+from cifar_hpo.finalmodel import FORMAT, FORMAT_VERSION, INPUT_SIZE, final_path, json_bytes, plain
 from cifar_hpo.params import TrialParams
-from cifar_hpo.spec import DataSpec, StudySpec, default_recipe, load_spec
+from cifar_hpo.spec import DataSpec, StudySpec, default_recipe, load_spec, suggest_params
 
 if TYPE_CHECKING:
     from cifar_hpo.data import DeviceData
     from cifar_hpo.train import EpochResult
 
-FORMAT = "cifar-hpo-final"
-FORMAT_VERSION = 1
-FINAL_NAME = "final.pt"
 RETRAIN_DIR = "retrain"
-INPUT_SIZE = (3, 32, 32)  # channels, height, width the models take
-# Keys every final.pt holds (export, predict and report rely on them).
-FINAL_KEYS = (
-    "format", "format_version", "model_state", "weights_seed", "model", "params", "classes", "num_classes",
-    "mean", "std", "input_size", "study", "trial", "default_params", "trial_value", "best_value", "optuna_params",
-    "split_hash", "data", "epochs", "seeds", "test_acc", "test_acc_mean", "test_acc_std", "test_loss",
-    "per_class_acc", "confusion", "histories", "train_seconds", "images_per_s", "peak_mem_mb", "params_count",
-    "hardware", "device", "versions", "created", "spec",
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -198,29 +186,31 @@ def replay_params(spec: StudySpec, trial: optuna.trial.FrozenTrial) -> TrialPara
     return replayed
 
 
-def resolve_source(spec: StudySpec, args: argparse.Namespace, url: str) -> Source:
-    """Pick the parameters to retrain: a trial of the study, or the model's default recipe (`spec.default_recipe`)."""
-    default = bool(getattr(args, "default_params", False))
-    if default:
-        if args.trial is not None:
+def retrain_source(spec: StudySpec, url: str, *, trial: int | None = None, default_params: bool = False) -> Source:
+    """Pick the parameters to retrain: trial ``trial`` of the study (its best when None), or the model's default recipe.
+
+    Raises:
+        UserError: both ``trial`` and ``default_params``; no such study or trial (see `load_study`, `select_trial`).
+    """
+    if default_params:
+        if trial is not None:
             raise UserError("--trial and --default-params exclude each other: pass one of them")
         params = default_recipe(spec)
         study = _study_if_present(spec.name, url)
-        best = _best_value(study) if study is not None else None
+        best = storage.best_value(study)
         attrs = study.user_attrs if study is not None else {}
         return Source(spec.name, None, True, params, {}, None, best, attrs.get("spec"), attrs.get("split_hash"))
     study = load_study(spec.name, url)
-    trial = select_trial(study, args.trial)
-    params = replay_params(spec, trial)
+    chosen = select_trial(study, trial)
     attrs = study.user_attrs
     return Source(
         study=spec.name,
-        trial=trial.number,
+        trial=chosen.number,
         default_params=False,
-        params=params,
-        optuna_params=dict(trial.params),
-        trial_value=float(trial.value) if trial.value is not None else None,
-        best_value=_best_value(study),
+        params=replay_params(spec, chosen),
+        optuna_params=dict(chosen.params),
+        trial_value=float(chosen.value) if chosen.value is not None else None,
+        best_value=storage.best_value(study),
         study_spec=attrs.get("spec"),
         study_split_hash=attrs.get("split_hash"),
     )
@@ -236,31 +226,18 @@ def _study_if_present(name: str, url: str) -> optuna.Study | None:
         return None
 
 
-def _best_value(study: optuna.Study) -> float | None:
-    try:
-        return float(study.best_value)
-    except ValueError:
-        return None
-
-
-def final_spec(spec: StudySpec, source: Source, args: argparse.Namespace) -> StudySpec:
-    """The spec to retrain with: the study's recorded epochs and data, then the CLI overrides."""
+def final_spec(spec: StudySpec, source: Source, *, epochs: int | None = None, data: str | None = None,
+               subset: int | None = None) -> StudySpec:
+    """The spec to retrain with: the study's recorded epochs and data, then the command line's overrides."""
     if source.study_spec:
         ran = source.study_spec
-        data = ran.get("data") or {}
+        recorded = ran.get("data") or {}
         known = {f.name for f in dataclasses.fields(DataSpec)}
         spec = spec.replace(
             epochs=int(ran.get("epochs", spec.epochs)),
-            data=dataclasses.replace(spec.data, **{k: v for k, v in data.items() if k in known}),
+            data=dataclasses.replace(spec.data, **{k: v for k, v in recorded.items() if k in known}),
         )
-    return spec.with_overrides(epochs=args.epochs, data=args.data, subset=args.subset)
-
-
-def load_final_data(spec: StudySpec, args: argparse.Namespace) -> DeviceData:
-    """Train + validation images and the test split of the spec's data, on ``--device``."""
-    from cifar_hpo.run import load_data
-
-    return load_data(spec, args, final=True)
+    return spec.with_overrides(epochs=epochs, data=data, subset=subset)
 
 
 # ---------------------------------------------------------------- one seed
@@ -279,7 +256,8 @@ def identity(source: Source, epochs: int, data: DeviceData) -> dict[str, Any]:
     }
 
 
-def _check_classes(path: Path, saved: dict[str, Any], data: DeviceData) -> None:
+def _refuse_other_classes(path: Path, saved: dict[str, Any], data: DeviceData) -> None:
+    """A seed file made on data with other classes cannot be resumed or reused here: say which data it needs."""
     classes = list(saved.get("identity", {}).get("classes", []))
     if classes != list(data.classes):
         raise UserError(
@@ -311,14 +289,14 @@ def retrain_seed(source: Source, data: DeviceData, epochs: int, seed: int, n_see
     tag = f"[seed {seed} ({seed + 1}/{n_seeds})]"
     if done_path.is_file():
         done = checkpoint.load(done_path)
-        _check_classes(done_path, done, data)
+        _refuse_other_classes(done_path, done, data)
         if _same_run(done_path, done, ident):
             print(f"{tag} already finished: test acc {done['test_acc']:.4f} (from {done_path})", flush=True)
             return done
     resume = None
     if partial_path.is_file():
         partial = checkpoint.load(partial_path, map_location=data.device)
-        _check_classes(partial_path, partial, data)
+        _refuse_other_classes(partial_path, partial, data)
         if _same_run(partial_path, partial, ident):
             resume = partial["snapshot"]
             print(f"{tag} resuming from epoch {int(resume['epoch'])}/{epochs} ({partial_path})", flush=True)
@@ -425,102 +403,6 @@ def build_final(source: Source, spec: StudySpec, data: DeviceData, records: list
     return final
 
 
-def plain(obj: Any) -> Any:
-    """``obj`` with str/int/float subclasses (TorchVersion, numpy scalars) and tuples made plain.
-
-    ``torch.load(weights_only=True)`` refuses any class it does not know, so
-    everything saved in a final checkpoint must be a builtin container, a
-    builtin scalar or a tensor.
-    """
-    if isinstance(obj, torch.Tensor) or obj is None or type(obj) in (bool, int, float, str):
-        return obj
-    if isinstance(obj, dict):
-        return {str(k): plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [plain(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, bool | np.bool_):
-        return bool(obj)
-    if isinstance(obj, int | np.integer):
-        return int(obj)
-    if isinstance(obj, float | np.floating):
-        return float(obj)
-    return str(obj)
-
-
-def metrics_json(final: dict[str, Any]) -> dict[str, Any]:
-    """final.pt without the weights: what final.json holds."""
-    return {k: v for k, v in final.items() if k != "model_state"}
-
-
-def final_path(results: Path, study: str) -> Path:
-    """Where the final checkpoint of ``study`` lives."""
-    return results / study / FINAL_NAME
-
-
-def load_final(path: Path) -> dict[str, Any]:
-    """Load a final.pt and check it is one.
-
-    Raises:
-        UserError: missing, corrupt, or not a cifar-hpo final checkpoint.
-    """
-    obj = checkpoint.load(path)
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise UserError(f"{path} is not a final checkpoint of cifar-hpo (written by `cifar-hpo retrain`)")
-    missing = [k for k in FINAL_KEYS if k not in obj]
-    if missing:
-        raise UserError(f"{path} lacks {', '.join(missing)}; write it again with `cifar-hpo retrain`")
-    problem = _final_field_problem(obj)
-    if problem:
-        raise UserError(f"{path}: {problem}; it is damaged or edited, write it again with `cifar-hpo retrain`")
-    return obj
-
-
-def _final_field_problem(obj: dict[str, Any]) -> str | None:
-    """What is wrong with the fields that loading and predicting use, or None."""
-
-    def numbers(v: Any, n: int) -> bool:
-        return isinstance(v, (list, tuple)) and len(v) == n and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
-
-    n = obj["num_classes"]
-    if not isinstance(n, int) or isinstance(n, bool) or n < 2:
-        return f"num_classes must be an int >= 2, got {n!r}"
-    classes = obj["classes"]
-    if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes):
-        return "classes must be a list of class names"
-    if len(classes) != n:
-        return f"it names {len(classes)} classes for a model with {n} outputs"
-    if not isinstance(obj["params"], dict) or not isinstance(obj["model_state"], dict):
-        return "params and model_state must be dicts"
-    if not numbers(obj["mean"], 3) or not numbers(obj["std"], 3) or not all(s > 0 for s in obj["std"]):
-        return "mean and std must be 3 numbers each (std > 0)"
-    if not numbers(obj["input_size"], 3) or not all(isinstance(x, int) and x > 0 for x in obj["input_size"]):
-        return f"input_size must be 3 positive ints, got {obj['input_size']!r}"
-    return None
-
-
-def build_model(final: dict[str, Any]) -> torch.nn.Module:
-    """The final model with its weights, in eval mode on the CPU.
-
-    Pretrained backbones are built without downloading ImageNet weights: the
-    checkpoint holds all of them.
-
-    Raises:
-        UserError: the weights do not fit the model the checkpoint names.
-    """
-    from cifar_hpo import models
-
-    params = TrialParams.from_dict(final["params"]).replace(pretrained=False)
-    model = models.build(params, int(final["num_classes"]))
-    try:
-        model.load_state_dict(final["model_state"])
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise UserError(f"the weights in the checkpoint do not fit model {params.model!r} ({first[:200]})") from None
-    return model.eval()
-
-
 # ---------------------------------------------------------------- command
 
 
@@ -536,9 +418,13 @@ def main(args: argparse.Namespace) -> int:
     results: Path = args.results
     url = storage.storage_url(args.storage, results)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    source = resolve_source(spec, args, url)
-    spec = final_spec(spec, source, args)
-    data = load_final_data(spec, args)
+    source = retrain_source(spec, url, trial=args.trial, default_params=bool(getattr(args, "default_params", False)))
+    spec = final_spec(spec, source, epochs=args.epochs, data=args.data, subset=args.subset)
+    d = spec.data
+    data = study_data(
+        d.source, subset=d.subset, val_fraction=d.val_fraction, split_seed=d.split_seed, device=getattr(args, "device", "auto"),
+        data_dir=getattr(args, "data_dir", None), cache_dir=getattr(args, "cache_dir", None), final=True,
+    )
     if source.study_split_hash and source.study_split_hash != data.split_hash:
         print(
             f"note: this data split ({data.split_hash}) is not the one the study's trials saw "
@@ -559,9 +445,7 @@ def main(args: argparse.Namespace) -> int:
     final = build_final(source, spec, data, records)
     path = final_path(results, spec.name)
     checkpoint.save(final, path)
-    checkpoint.atomic_write_bytes(
-        out_dir / "final.json", (json.dumps(metrics_json(final), indent=1, default=_json_default) + "\n").encode(), mode=0o644
-    )
+    checkpoint.atomic_write_bytes(out_dir / "final.json", json_bytes(final), mode=0o644)
     shutil.rmtree(folder, ignore_errors=True)
     spread = f" ± {100 * final['test_acc_std']:.2f}" if len(records) > 1 else ""
     print(
@@ -571,10 +455,3 @@ def main(args: argparse.Namespace) -> int:
     )
     return 0
 
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return str(obj)

@@ -1,0 +1,85 @@
+"""Every use of Optuna's private API, in one place, for the Optuna range pyproject.toml states (4.3 to 5.x).
+
+    python -m pytest tests/test_optuna_compat.py -q     # one test per private name: fails loudly when Optuna changes it
+
+What has a public equivalent uses it elsewhere (``inspect.signature`` for the
+RDBStorage arguments, ``FrozenTrial.datetime_start`` for start times, our own
+artifact paths, ``BaseStorage.get_all_trials``). What is left has none:
+
+- `trial_id`, `study_id`, `study_storage`: ``Trial._trial_id``,
+  ``Study._study_id``, ``Study._storage``. Optuna's storage API is keyed by
+  these ids, but Trial and Study do not expose them.
+- `CREATE_TRIAL_HOOK`: ``RDBStorage._create_new_trial``, which Optuna's cache
+  layer (used by every Study) calls instead of the public ``create_new_trial``;
+  overriding it is the only way to see a trial the moment it is created.
+- `STALE_TRIALS_HOOK`: ``RDBStorage._get_stale_trial_ids``, which
+  ``optuna.storages.fail_stale_trials`` asks for the trials to fail; overriding
+  it adds trials that never sent a heartbeat.
+- `HEARTBEAT_TABLE`: the table of Optuna's database schema holding one row per
+  trial that sent a heartbeat (a schema name: Optuna migrates it with alembic).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import optuna
+
+CREATE_TRIAL_HOOK = "_create_new_trial"
+STALE_TRIALS_HOOK = "_get_stale_trial_ids"
+HEARTBEAT_TABLE = "trial_heartbeats"
+
+
+def _private(obj: object, name: str) -> Any:
+    try:
+        return getattr(obj, name)
+    except AttributeError:
+        raise RuntimeError(
+            f"optuna {optuna.__version__}: {type(obj).__name__}.{name} is gone; cifar_hpo/optuna_compat.py must find it "
+            "another way (or install an Optuna in the range pyproject.toml states)"
+        ) from None
+
+
+def trial_id(trial: optuna.Trial | optuna.trial.FrozenTrial) -> int:
+    """The storage's id of a trial (what ``storage.get_trial`` and friends take)."""
+    return int(_private(trial, "_trial_id"))
+
+
+def study_id(study: optuna.Study) -> int:
+    """The storage's id of a study."""
+    return int(_private(study, "_study_id"))
+
+
+def study_storage(study: optuna.Study) -> optuna.storages.BaseStorage:
+    """The storage a study reads and writes through (Optuna's cache layer over the RDBStorage)."""
+    return _private(study, "_storage")  # type: ignore[no-any-return]
+
+
+def rdb_arguments() -> set[str]:
+    """The keyword arguments ``RDBStorage`` takes in this Optuna (public, via its signature)."""
+    return set(inspect.signature(optuna.storages.RDBStorage.__init__).parameters)
+
+
+def stale_callback_argument() -> str:
+    """RDBStorage's argument for the callback called on a stale trial.
+
+    Optuna 4.9 renamed ``failed_trial_callback`` to ``heartbeat_stale_trial_callback``.
+    """
+    names = rdb_arguments()
+    for name in ("heartbeat_stale_trial_callback", "failed_trial_callback"):
+        if name in names:
+            return name
+    raise RuntimeError(f"optuna {optuna.__version__}: RDBStorage takes no stale-trial callback (arguments: {sorted(names)})")
+
+
+def retry_callback_class() -> Any:
+    """Optuna's callback that re-queues a stale trial.
+
+    Optuna 4.9 renamed RetryFailedTrialCallback to RetryHeartbeatStaleTrialCallback (5.0 keeps the
+    old name, deprecated); the new name is used wherever it exists.
+    """
+    cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or getattr(optuna.storages, "RetryFailedTrialCallback", None)
+    if cls is None:
+        raise RuntimeError(f"optuna {optuna.__version__} has neither RetryHeartbeatStaleTrialCallback nor RetryFailedTrialCallback")
+    return cls

@@ -1,0 +1,112 @@
+"""One test per private Optuna name in cifar_hpo/optuna_compat.py: each fails with a message saying what changed.
+
+Run on the newest Optuna (the main venv) and on the lowest one pyproject.toml allows (.ci/run does both).
+"""
+
+from __future__ import annotations
+
+import io
+import stat
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from cifar_hpo import optuna_compat, storage
+
+
+@pytest.fixture
+def study(tmp_path: Path) -> optuna.Study:
+    st = storage.open_storage(f"sqlite:///{tmp_path}/db.sqlite3")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.create_study(study_name="compat", storage=st)
+
+
+def test_trial_and_study_ids_are_the_storage_ids(study: optuna.Study) -> None:
+    trial = study.ask()
+    st = optuna_compat.study_storage(study)
+    assert isinstance(st, optuna.storages.BaseStorage), f"Study._storage is a {type(st).__name__}, not a storage"
+    by_number = st.get_trial_id_from_study_id_trial_number(optuna_compat.study_id(study), trial.number)
+    assert optuna_compat.trial_id(trial) == by_number, "Trial._trial_id is no longer the storage's trial id"
+    frozen = study.get_trials(deepcopy=False)[0]
+    assert optuna_compat.trial_id(frozen) == by_number, "FrozenTrial._trial_id is no longer the storage's trial id"
+    assert st.get_trial(by_number).number == trial.number
+
+
+def test_a_missing_private_name_says_so() -> None:
+    with pytest.raises(RuntimeError, match=r"object\._trial_id is gone; cifar_hpo/optuna_compat.py"):
+        optuna_compat.trial_id(object())  # type: ignore[arg-type]
+
+
+def test_create_trial_hook_is_called_when_a_study_asks(tmp_path: Path) -> None:
+    assert hasattr(optuna.storages.RDBStorage, optuna_compat.CREATE_TRIAL_HOOK), (
+        f"optuna {optuna.__version__} has no RDBStorage.{optuna_compat.CREATE_TRIAL_HOOK}: trials get no heartbeat at creation"
+    )
+    st = storage.open_storage(f"sqlite:///{tmp_path}/db.sqlite3")
+    trial = optuna.create_study(study_name="hook", storage=st).ask()
+    # The hook records the first heartbeat at once; without it the trial has none until its heartbeat thread starts.
+    assert storage._with_heartbeat(st.engine, [optuna_compat.trial_id(trial)]) == {optuna_compat.trial_id(trial)}, (
+        f"optuna {optuna.__version__} no longer calls RDBStorage.{optuna_compat.CREATE_TRIAL_HOOK} when a study asks for a trial"
+    )
+
+
+def test_heartbeat_table_holds_the_trials_that_beat(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/db.sqlite3"
+    quiet = optuna.create_study(study_name="quiet", storage=storage.open_storage(url, heartbeat=False))
+    silent = quiet.ask()  # no heartbeat storage: no row
+    st = storage.open_storage(url)
+    st.record_heartbeat(optuna_compat.trial_id(silent))
+    other = quiet.ask()
+    ids = [optuna_compat.trial_id(silent), optuna_compat.trial_id(other)]
+    assert storage._with_heartbeat(st.engine, ids) == {ids[0]}, (
+        f"Optuna's table {optuna_compat.HEARTBEAT_TABLE!r} does not hold one row per trial that sent a heartbeat"
+    )
+
+
+def test_stale_trials_hook_is_what_fail_stale_trials_asks(study: optuna.Study, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[int] = []
+
+    def spy(self: optuna.storages.RDBStorage, study_id: int) -> list[int]:
+        asked.append(study_id)
+        return []
+
+    monkeypatch.setattr(storage._HeartbeatFromStart, optuna_compat.STALE_TRIALS_HOOK, spy)
+    study.ask()
+    optuna.storages.fail_stale_trials(study)
+    assert asked == [optuna_compat.study_id(study)], (
+        f"optuna {optuna.__version__}: fail_stale_trials no longer asks RDBStorage.{optuna_compat.STALE_TRIALS_HOOK}; "
+        "trials that never sent a heartbeat would stay RUNNING"
+    )
+
+
+def test_rdb_storage_takes_a_stale_trial_callback() -> None:
+    name = optuna_compat.stale_callback_argument()
+    assert name in optuna_compat.rdb_arguments()
+    callback = optuna_compat.retry_callback_class()(max_retry=1, inherit_intermediate_values=True)
+    assert callable(callback)
+
+
+def test_artifacts_we_write_are_where_optunas_own_store_reads_them(tmp_path: Path) -> None:
+    store = storage.artifact_store(f"sqlite:///{tmp_path}/db.sqlite3", tmp_path)
+    store.write("abc-123", io.BytesIO(b"weights"))
+    plain = optuna.artifacts.FileSystemArtifactStore(str(tmp_path / "artifacts"))
+    with plain.open_reader("abc-123") as f:
+        assert f.read() == b"weights", "Optuna's FileSystemArtifactStore no longer keeps artifact ID at base_path/ID"
+    assert stat.S_IMODE((tmp_path / "artifacts" / "abc-123").stat().st_mode) == 0o600
+    plain.remove("abc-123")
+    for bad in ("/etc/passwd", "../outside"):
+        with pytest.raises(ValueError):
+            store.write(bad, io.BytesIO(b"x"))
+    assert not (tmp_path / "outside").exists()
+
+
+def test_start_times_compare_across_optuna_versions(study: optuna.Study) -> None:
+    study.ask()
+    (running,) = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    start = running.datetime_start
+    assert start is not None
+    assert abs(datetime.now(UTC) - start.astimezone(UTC)) < timedelta(minutes=5), (
+        f"FrozenTrial.datetime_start {start!r} is neither local naive time (Optuna 4) nor aware UTC (Optuna 5)"
+    )
