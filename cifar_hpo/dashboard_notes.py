@@ -111,8 +111,9 @@ def study_note(spec: StudySpec, split_hash: str, counts: tuple[int, int] | None 
 
 {spec.description.strip()}
 
-**Metric `{METRIC}`**: accuracy on the validation split (fraction 0..1) after each epoch; the trial's value is its last
-epoch's. Maximized. The test split is never used by a trial.
+**Metric `{METRIC}`**: accuracy on the validation split (fraction 0..1) after each epoch (at probe
+epochs, the accuracy of the short cooldown probe the pruner ranks on); the trial's value is its best epoch's. Maximized.
+The test split is never used by a trial.
 
 **Spec**: model `{spec.model}`, search space `{spec.search_space}` (`search_spaces/{spec.search_space}.py`), {spec.epochs} epochs
 per trial, {spec.trials} finished trials wanted, sampler {_sampler_words(spec)}, pruner {_pruner_words(spec)}, seed {spec.seed}.
