@@ -443,9 +443,7 @@ def _caused_by(e: BaseException, kinds: type[BaseException] | tuple[type[BaseExc
 
 def _lost_database(e: BaseException) -> bool:
     """Whether ``e`` (or what caused it) is a lost or refused database connection."""
-    import sqlalchemy.exc
-
-    return _caused_by(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.DisconnectionError))
+    return storage.lost_connection(e)
 
 
 def _reconnecting(url: str, log: Callable[[str], None], loop: Callable[[], None],
