@@ -97,6 +97,17 @@ def retried_trial_number(trial: optuna.Trial) -> int | None:
     return None if value is None else int(value)
 
 
+def earlier_retry(study: optuna.Study, trial: optuna.Trial) -> int | None:
+    """Number of an earlier retry of the trial that ``trial`` retries (then ``trial`` is a duplicate), or None."""
+    history = trial.storage.get_trial_system_attrs(optuna_compat.trial_id(trial)).get("retry_history") or []
+    if not history:
+        return None
+    for t in study.get_trials(deepcopy=False):
+        if t.number < trial.number and (t.system_attrs.get("retry_history") or [None])[-1] == history[-1]:
+            return t.number
+    return None
+
+
 def requeue_interrupted(study: optuna.Study, trial_number: int) -> None:
     """Re-queue an interrupted trial (same params, its intermediate values), as Optuna does for a stale one.
 
@@ -267,9 +278,29 @@ class _HeartbeatFromStart(optuna.storages.RDBStorage):
             marked.append(tid)
         for tid in marked:
             self._fail_and_requeue(study_id, tid)
+        self._requeue_unretried(study_id, cutoff)
         # Optuna's fail_stale_trials would fail them all first and re-queue them afterwards, reading each
         # one again in between: a database outage after the FAILs lost every retry not yet written.
         return []
+
+    def _requeue_unretried(self, study_id: int, cutoff: datetime) -> None:
+        """Re-queue trials failed as stale at least ``ORPHAN_S`` ago that still have no retry.
+
+        The worker that failed one was killed before it could add the retry (a few milliseconds, but
+        ``bench faults`` kills workers right when they fail their killed peers' trials). Two workers
+        may both do it: the later retry then stands down when taken (``earlier_retry``).
+        """
+        callback = self.get_heartbeat_stale_trial_callback()
+        if callback is None:
+            return
+        trials = self.get_all_trials(study_id, deepcopy=False)
+        retried = {(t.system_attrs.get("retry_history") or [None])[-1] for t in trials}
+        for t in trials:
+            if (t.state == TrialState.FAIL and t.number not in retried
+                    and str(t.user_attrs.get("fail_reason", "")).startswith("stale")
+                    and len(t.system_attrs.get("retry_history") or []) + 1 <= MAX_RETRY
+                    and t.datetime_complete is not None and t.datetime_complete.astimezone(UTC) < cutoff):  # fmt: skip
+                callback(optuna.load_study(study_name=self.get_study_name_from_id(study_id), storage=self), t)
 
     def _fail_and_requeue(self, study_id: int, trial_id: int) -> None:
         """Fail stale trial ``trial_id`` and, if this process failed it, re-queue it at once.
