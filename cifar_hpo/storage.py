@@ -278,17 +278,19 @@ class _HeartbeatFromStart(optuna.storages.RDBStorage):
             marked.append(tid)
         for tid in marked:
             self._fail_and_requeue(study_id, tid)
-        self._requeue_unretried(study_id, cutoff)
+        self._requeue_unretried(study_id, datetime.now(UTC) - timedelta(seconds=GRACE_PERIOD))
         # Optuna's fail_stale_trials would fail them all first and re-queue them afterwards, reading each
         # one again in between: a database outage after the FAILs lost every retry not yet written.
         return []
 
     def _requeue_unretried(self, study_id: int, cutoff: datetime) -> None:
-        """Re-queue trials failed as stale at least ``ORPHAN_S`` ago that still have no retry.
+        """Re-queue trials failed as stale at least ``GRACE_PERIOD`` ago that still have no retry.
 
         The worker that failed one was killed before it could add the retry (a few milliseconds, but
-        ``bench faults`` kills workers right when they fail their killed peers' trials). Two workers
-        may both do it: the later retry then stands down when taken (``earlier_retry``).
+        ``bench faults`` kills workers right when they fail their killed peers' trials: seen under
+        load). Two workers may both do it, or one whose clock is ahead may do it while the owner is
+        still writing: the later retry then stands down when taken (``earlier_retry``), so an early
+        re-queue costs nothing but a surplus row.
         """
         callback = self.get_heartbeat_stale_trial_callback()
         if callback is None:

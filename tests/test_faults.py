@@ -225,7 +225,7 @@ def test_a_stale_trial_failed_by_a_worker_killed_before_adding_its_retry_is_retr
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The worker that failed a stale trial was SIGKILLed before it added the retry: the trial stayed
-    # FAIL with no retry for ever. Now any worker re-queues it once it has been so for ORPHAN_S, and
+    # FAIL with no retry for ever. Now any worker re-queues it once it has been so for GRACE_PERIOD, and
     # if two workers both do, the later retry stands down when taken.
     monkeypatch.setattr(storage, "HEARTBEAT_INTERVAL", 1)
     monkeypatch.setattr(storage, "GRACE_PERIOD", 1)
@@ -236,11 +236,9 @@ def test_a_stale_trial_failed_by_a_worker_killed_before_adding_its_retry_is_retr
     dead.suggest_float("x", 0, 1)
     st.set_trial_user_attr(dead._trial_id, "fail_reason", "stale: no heartbeat for 1s; retried")
     st.set_trial_state_values(dead._trial_id, TrialState.FAIL)  # ...and the worker that failed it is killed
-    monkeypatch.setattr(storage, "ORPHAN_S", 60.0)
     optuna.storages.fail_stale_trials(study)
     assert len(study.get_trials()) == 1  # young: its worker may still be adding the retry
-    monkeypatch.setattr(storage, "ORPHAN_S", 0.5)
-    time.sleep(1.0)
+    time.sleep(2.2)  # > GRACE_PERIOD
     optuna.storages.fail_stale_trials(study)
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
