@@ -230,6 +230,9 @@ def work(spec: StudySpec, url: str, results: Path, data: Any, *, st: optuna.stor
             if _count_blocking(study, trial.number) >= spec.trials and storage.retried_trial_number(trial) is None:
                 trial.set_user_attr("fail_reason", "surplus: the study already had enough finished or running trials")
                 raise SurplusTrial("surplus trial, nothing run")
+            if (first := storage.earlier_retry(study, trial)) is not None:  # two workers re-queued one lost trial
+                trial.set_user_attr("fail_reason", f"surplus: a second retry of the same trial, #{first} is the retry")
+                raise SurplusTrial("duplicate retry, nothing run")
             try:
                 value = objective(trial, ctx)
             except optuna.TrialPruned:
@@ -443,9 +446,7 @@ def _caused_by(e: BaseException, kinds: type[BaseException] | tuple[type[BaseExc
 
 def _lost_database(e: BaseException) -> bool:
     """Whether ``e`` (or what caused it) is a lost or refused database connection."""
-    import sqlalchemy.exc
-
-    return _caused_by(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.DisconnectionError))
+    return storage.lost_connection(e)
 
 
 def _reconnecting(url: str, log: Callable[[str], None], loop: Callable[[], None],

@@ -46,6 +46,10 @@ MAX_RETRY = 2  # a trial killed more often than this stays FAIL
 # workers' clocks, which may disagree between machines (heartbeats use the database server's).
 ORPHAN_S = float(os.environ.get("CIFAR_HPO_ORPHAN_S", str(max(600, 10 * GRACE_PERIOD))))
 SQLITE_BUSY_TIMEOUT_S = 120
+# How long the worker that failed a stale trial keeps trying to add its retry through a database
+# outage (the same limit as a worker waiting for a lost database), and the pause between tries.
+REQUEUE_S = float(os.environ.get("CIFAR_HPO_RECONNECT_S", "600"))
+REQUEUE_PAUSE_S = 2.0
 
 
 def storage_url(arg: str | None, results: Path) -> str:
@@ -91,6 +95,17 @@ def retried_trial_number(trial: optuna.Trial) -> int | None:
     # The retry callback records the lineage's first trial under this system attribute.
     value = trial.storage.get_trial_system_attrs(optuna_compat.trial_id(trial)).get("failed_trial")
     return None if value is None else int(value)
+
+
+def earlier_retry(study: optuna.Study, trial: optuna.Trial) -> int | None:
+    """Number of an earlier retry of the trial that ``trial`` retries (then ``trial`` is a duplicate), or None."""
+    history = trial.storage.get_trial_system_attrs(optuna_compat.trial_id(trial)).get("retry_history") or []
+    if not history:
+        return None
+    for t in study.get_trials(deepcopy=False):
+        if t.number < trial.number and (t.system_attrs.get("retry_history") or [None])[-1] == history[-1]:
+            return t.number
+    return None
 
 
 def requeue_interrupted(study: optuna.Study, trial_number: int) -> None:
@@ -261,7 +276,67 @@ class _HeartbeatFromStart(optuna.storages.RDBStorage):
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue  # finished meanwhile: not stale after all
             marked.append(tid)
-        return marked
+        for tid in marked:
+            self._fail_and_requeue(study_id, tid)
+        self._requeue_unretried(study_id, datetime.now(UTC) - timedelta(seconds=GRACE_PERIOD))
+        # Optuna's fail_stale_trials would fail them all first and re-queue them afterwards, reading each
+        # one again in between: a database outage after the FAILs lost every retry not yet written.
+        return []
+
+    def _requeue_unretried(self, study_id: int, cutoff: datetime) -> None:
+        """Re-queue trials failed as stale at least ``GRACE_PERIOD`` ago that still have no retry.
+
+        The worker that failed one was killed before it could add the retry (a few milliseconds, but
+        ``bench faults`` kills workers right when they fail their killed peers' trials: seen under
+        load). Two workers may both do it, or one whose clock is ahead may do it while the owner is
+        still writing: the later retry then stands down when taken (``earlier_retry``), so an early
+        re-queue costs nothing but a surplus row.
+        """
+        callback = self.get_heartbeat_stale_trial_callback()
+        if callback is None:
+            return
+        trials = self.get_all_trials(study_id, deepcopy=False)
+        retried = {(t.system_attrs.get("retry_history") or [None])[-1] for t in trials}
+        for t in trials:
+            if (t.state == TrialState.FAIL and t.number not in retried
+                    and str(t.user_attrs.get("fail_reason", "")).startswith("stale")
+                    and len(t.system_attrs.get("retry_history") or []) + 1 <= MAX_RETRY
+                    and t.datetime_complete is not None and t.datetime_complete.astimezone(UTC) < cutoff):  # fmt: skip
+                callback(optuna.load_study(study_name=self.get_study_name_from_id(study_id), storage=self), t)
+
+    def _fail_and_requeue(self, study_id: int, trial_id: int) -> None:
+        """Fail stale trial ``trial_id`` and, if this process failed it, re-queue it at once.
+
+        Marking FAIL and adding the retry are two writes. Failing first makes exactly one worker
+        the owner of the retry (the FAIL is the claim); a database outage between the two no longer
+        loses the trial, because the owner keeps trying to add the retry until the database is back
+        (``REQUEUE_S``), checking first whether an earlier try was written after all.
+        """
+        try:
+            if not self.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                return
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return  # another process failed it (and re-queues it), or it finished meanwhile
+        callback = self.get_heartbeat_stale_trial_callback()
+        if callback is None:
+            return
+        deadline: float | None = None
+        while True:
+            try:
+                failed = self.get_trial(trial_id)
+                if deadline is None or not _has_retry(self, study_id, failed.number):
+                    study = optuna.load_study(study_name=self.get_study_name_from_id(study_id), storage=self)
+                    callback(study, failed)
+                return
+            except Exception as e:
+                if not lost_connection(e):
+                    raise
+                if deadline is None:
+                    deadline = time.time() + REQUEUE_S
+                elif time.time() > deadline:
+                    raise
+            time.sleep(REQUEUE_PAUSE_S)
+            self.engine.dispose()  # pooled connections are dead after a server restart
 
     def record_heartbeat(self, trial_id: int) -> None:
         try:
@@ -276,6 +351,24 @@ class _HeartbeatFromStart(optuna.storages.RDBStorage):
         if taken and state == TrialState.RUNNING and self.heartbeat_interval is not None:
             self.record_heartbeat(trial_id)
         return taken
+
+
+def _has_retry(st: optuna.storages.RDBStorage, study_id: int, number: int) -> bool:
+    """Whether the study holds a retry of trial ``number`` (a trial whose retry history ends with it)."""
+    return any((t.system_attrs.get("retry_history") or [None])[-1] == number for t in st.get_all_trials(study_id, deepcopy=False))
+
+
+def lost_connection(e: BaseException) -> bool:
+    """Whether ``e``, or an exception it was raised from or while handling, is a lost or refused database connection."""
+    kinds = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.DisconnectionError)
+    seen: BaseException | None = e
+    for _ in range(12):  # Optuna wraps the driver's error, and may raise another one while handling it
+        if seen is None:
+            return False
+        if isinstance(seen, kinds):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _with_heartbeat(engine: sqlalchemy.engine.Engine, trial_ids: list[int]) -> set[int]:

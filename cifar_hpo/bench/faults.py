@@ -282,7 +282,8 @@ def measure(
     retries: dict[int, int] = {}
     for t in all_trials:
         history = t.system_attrs.get("retry_history") or []
-        if history:
+        # A retry that stood down when taken (another retry of the same trial came first) never ran.
+        if history and not str(t.user_attrs.get("fail_reason", "")).startswith("surplus"):
             retries[history[-1]] = retries.get(history[-1], 0) + 1
     # Retrying stops after storage.MAX_RETRY kills of one lineage (a trial that keeps killing its worker
     # should not run for ever); such a lineage is given up by design and a fresh trial takes its place.
