@@ -26,3 +26,15 @@ def first_line(e: BaseException, *, innermost: bool = False) -> str:
         if text and text != "()":
             return text.splitlines()[0][:200]
     return type(e).__name__
+
+
+def caused_by(e: BaseException, kinds: type[BaseException] | tuple[type[BaseException], ...]) -> bool:
+    """Whether ``e``, or an exception it was raised from or while handling, is one of ``kinds``."""
+    seen: BaseException | None = e
+    for _ in range(12):  # Optuna wraps the driver's error, and may raise another one while handling it
+        if seen is None:
+            return False
+        if isinstance(seen, kinds):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

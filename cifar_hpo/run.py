@@ -31,7 +31,7 @@ from optuna.trial import TrialState
 
 from cifar_hpo import dashboard_notes, optuna_compat, storage
 from cifar_hpo.checkpoint import remove_stale_tmp
-from cifar_hpo.errors import UserError, first_line
+from cifar_hpo.errors import UserError, caused_by, first_line
 from cifar_hpo.objective import Context, Interrupted, finished_count, objective
 from cifar_hpo.spec import StudySpec, load_spec, save_resolved
 
@@ -243,7 +243,7 @@ def work(spec: StudySpec, url: str, results: Path, data: Any, *, st: optuna.stor
         except Exception as e:
             if _lost_database(e):  # not the trial's fault: leave it RUNNING to be retried once, as a killed worker's
                 raise DatabaseLost(first_line(e, innermost=True)) from e
-            if _caused_by(e, optuna.exceptions.UpdateFinishedTrialError):
+            if caused_by(e, optuna.exceptions.UpdateFinishedTrialError):
                 raise TrialTakenOver(f"trial #{trial.number} was failed as stale while it ran; its retry takes over") from e
             raise
 
@@ -430,18 +430,6 @@ class TrialTakenOver(BaseException):
 RETRY_WRITE_S = float(os.environ.get("CIFAR_HPO_RETRY_WRITE_S", "2"))  # pause between tries of a kept result
 MAX_RECONNECTS = 20  # database outages survived by one run (each up to RECONNECT_S)
 RECONNECT_S = float(os.environ.get("CIFAR_HPO_RECONNECT_S", "600"))  # seconds to wait for a lost database to return
-
-
-def _caused_by(e: BaseException, kinds: type[BaseException] | tuple[type[BaseException], ...]) -> bool:
-    """Whether ``e`` or an exception it was raised from or while handling is one of ``kinds``."""
-    seen: BaseException | None = e
-    for _ in range(12):  # Optuna wraps the driver's error, and may raise another one while handling it
-        if seen is None:
-            return False
-        if isinstance(seen, kinds):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 def _lost_database(e: BaseException) -> bool:

@@ -33,7 +33,7 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
 from cifar_hpo import optuna_compat
-from cifar_hpo.errors import UserError, first_line
+from cifar_hpo.errors import UserError, caused_by, first_line
 
 ENV_VAR = "CIFAR_HPO_STORAGE"
 DB_NAME = "cifar_hpo.db"
@@ -360,15 +360,7 @@ def _has_retry(st: optuna.storages.RDBStorage, study_id: int, number: int) -> bo
 
 def lost_connection(e: BaseException) -> bool:
     """Whether ``e``, or an exception it was raised from or while handling, is a lost or refused database connection."""
-    kinds = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.DisconnectionError)
-    seen: BaseException | None = e
-    for _ in range(12):  # Optuna wraps the driver's error, and may raise another one while handling it
-        if seen is None:
-            return False
-        if isinstance(seen, kinds):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    return caused_by(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.DisconnectionError))
 
 
 def _with_heartbeat(engine: sqlalchemy.engine.Engine, trial_ids: list[int]) -> set[int]:
