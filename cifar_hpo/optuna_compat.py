@@ -73,6 +73,19 @@ def stale_callback_argument() -> str:
     raise RuntimeError(f"optuna {optuna.__version__}: RDBStorage takes no stale-trial callback (arguments: {sorted(names)})")
 
 
+def stale_trial_callback(storage: optuna.storages.BaseStorage) -> Any:
+    """The stale-trial callback ``storage`` was opened with, or None.
+
+    Optuna 4.9 renamed ``get_failed_trial_callback`` to ``get_heartbeat_stale_trial_callback`` (5.0 keeps
+    the old name, deprecated); the new name is used wherever it exists.
+    """
+    for name in ("get_heartbeat_stale_trial_callback", "get_failed_trial_callback"):
+        getter = getattr(storage, name, None)
+        if getter is not None:
+            return getter()
+    raise RuntimeError(f"optuna {optuna.__version__}: {type(storage).__name__} has no stale-trial callback getter")
+
+
 def retry_callback_class() -> Any:
     """Optuna's callback that re-queues a stale trial.
 

@@ -292,7 +292,7 @@ class _HeartbeatFromStart(optuna.storages.RDBStorage):
         still writing: the later retry then stands down when taken (``earlier_retry``), so an early
         re-queue costs nothing but a surplus row.
         """
-        callback = self.get_heartbeat_stale_trial_callback()
+        callback = optuna_compat.stale_trial_callback(self)
         if callback is None:
             return
         trials = self.get_all_trials(study_id, deepcopy=False)
@@ -317,7 +317,7 @@ class _HeartbeatFromStart(optuna.storages.RDBStorage):
                 return
         except optuna.exceptions.UpdateFinishedTrialError:
             return  # another process failed it (and re-queues it), or it finished meanwhile
-        callback = self.get_heartbeat_stale_trial_callback()
+        callback = optuna_compat.stale_trial_callback(self)
         if callback is None:
             return
         deadline: float | None = None

@@ -88,6 +88,15 @@ def test_rdb_storage_takes_a_stale_trial_callback() -> None:
     assert callable(callback)
 
 
+def test_the_storage_gives_back_its_stale_trial_callback(tmp_path: Path) -> None:
+    # storage.py re-queues stale trials itself with the callback the storage was opened with (4.9 renamed its getter).
+    st = storage.open_storage(f"sqlite:///{tmp_path}/db.sqlite3")
+    callback = optuna_compat.stale_trial_callback(st)
+    assert isinstance(callback, optuna_compat.retry_callback_class()), (
+        f"optuna {optuna.__version__}: the storage did not give back the stale-trial callback it was opened with"
+    )
+
+
 def test_artifacts_we_write_are_where_optunas_own_store_reads_them(tmp_path: Path) -> None:
     store = storage.artifact_store(f"sqlite:///{tmp_path}/db.sqlite3", tmp_path)
     store.write("abc-123", io.BytesIO(b"weights"))
