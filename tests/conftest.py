@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -76,3 +79,16 @@ def study_toml(*, name: str | None = None, epochs: int = 2, trials: int = 2, pru
         '[sampler]\nkind = "random"\n'
         f'[pruner]\nkind = "{pruner}"\nmin_resource = 1\nreduction_factor = 2\nn_startup_trials = 2\nn_warmup_steps = 1\n'
     )
+
+
+def wait_for_dashboard(proc: subprocess.Popen, port: int, tries: int = 120) -> bool:
+    """Poll the dashboard's study list every 0.5 s until it answers 200 (True), or it exits / tries run out (False)."""
+    for _ in range(tries):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as r:
+                return bool(r.status == 200)
+        except OSError:
+            if proc.poll() is not None:
+                return False
+            time.sleep(0.5)
+    return False

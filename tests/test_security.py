@@ -9,13 +9,12 @@ import socket
 import stat
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import optuna
 import pytest
 import torch
+from conftest import wait_for_dashboard
 
 from cifar_hpo import checkpoint, cli, storage
 from cifar_hpo.errors import UserError
@@ -142,16 +141,8 @@ def test_dashboard_server_listens_on_127_0_0_1_only(tmp_path: Path) -> None:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
-        for _ in range(120):
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as r:
-                    assert r.status == 200
-                break
-            except OSError:
-                assert proc.poll() is None, proc.communicate()[0]
-                time.sleep(0.5)
-        else:
-            pytest.fail("the dashboard did not answer on 127.0.0.1")
+        if not wait_for_dashboard(proc, port):
+            pytest.fail(f"the dashboard did not answer on 127.0.0.1: {proc.communicate()[0] if proc.poll() is not None else ''}")
         assert _listening(port) == ["0100007F"]  # 127.0.0.1, and nothing on 0.0.0.0 or ::
         other = _other_address()
         if other is not None:

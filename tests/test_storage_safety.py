@@ -10,14 +10,12 @@ import re
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 from pathlib import Path
 
 import optuna
 import pytest
 import sqlalchemy.exc
-from conftest import make_image_folder, study_toml
+from conftest import make_image_folder, study_toml, wait_for_dashboard
 from optuna.trial import TrialState
 
 from cifar_hpo import storage
@@ -104,13 +102,7 @@ def test_readers_coming_and_going_never_break_a_running_study(tmp_path: Path, fo
                                  str(tmp_path / "results"), "--port", str(port)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         try:
-            for _ in range(60):
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as r:
-                        assert r.status == 200
-                    break
-                except OSError:
-                    time.sleep(0.5)
+            wait_for_dashboard(dash, port, tries=60)
         finally:
             dash.terminate()
             dash.wait(timeout=30)
