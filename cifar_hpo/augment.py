@@ -83,8 +83,12 @@ def _augment(
     generator: torch.Generator,
     mean: Sequence[float] | None,
     std: Sequence[float] | None,
+    flips: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``augment``, normalized with (mean, std) when given: one fewer pass over the batch."""
+    """``augment``, normalized with (mean, std) when given: one fewer pass over the batch.
+
+    ``flips`` (bool per image), when given with the flip op, decides the flips instead of a draw.
+    """
     bad = [op for op in ops if op not in OPS]
     if bad or not 0.0 <= strength <= 1.0:
         raise ValueError(f"augment: ops must be among {OPS} and strength in [0, 1], got ops={ops}, strength={strength}")
@@ -97,7 +101,10 @@ def _augment(
     # Draws in a fixed order, each one value per image.
     dy = _randint(-shift, shift, b, generator, dev) if shift else None
     dx = _randint(-shift, shift, b, generator, dev) if shift else None
-    flipped = torch.rand(b, generator=generator, device=dev) < FLIP_P if flip else None
+    if flip and flips is not None:
+        flipped: torch.Tensor | None = flips
+    else:
+        flipped = torch.rand(b, generator=generator, device=dev) < FLIP_P if flip else None
     angles = (torch.rand(b, generator=generator, device=dev) * 2 - 1) * math.radians(degrees) if degrees > 0 else None
     cy = _randint(0, h - 1, b, generator, dev) if side else None
     cx = _randint(0, w - 1, b, generator, dev) if side else None
@@ -136,12 +143,15 @@ def train_batches(
     ops: tuple[str, ...],
     generator: torch.Generator,
     drop_last: bool = True,
+    flips: torch.Tensor | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of augmented, normalized training batches, all on ``data.device``.
 
     The order is a permutation drawn from ``generator``, so the same generator
     state gives the same batches. With ``drop_last`` the last partial batch is
     dropped, unless it would be the only batch (a subset smaller than a batch).
+    ``flips`` (bool, one per training image), with the flip op, says which images
+    are mirrored this epoch instead of a random draw (`alternating_flips`).
 
     Yields:
         (x, y): float32 (B, 3, H, W) normalized with ``data.mean``/``data.std``; int64 (B,).
@@ -151,8 +161,20 @@ def train_batches(
     stop = n - n % batch_size if drop_last and n >= batch_size else n
     for start in range(0, stop, batch_size):
         idx = perm[start : start + batch_size]
-        x = _augment(data.train_x.index_select(0, idx), strength, ops, generator, data.mean, data.std)
+        chosen = flips.index_select(0, idx) if flips is not None else None
+        x = _augment(data.train_x.index_select(0, idx), strength, ops, generator, data.mean, data.std, chosen)
         yield x, data.train_y.index_select(0, idx)
+
+
+def alternating_flips(n: int, epoch: int, seed: int, device: torch.device | str) -> torch.Tensor:
+    """Which of ``n`` training images to mirror in 1-based ``epoch``: a seeded coin per image
+    in epoch 1, then each image mirrored in every other epoch (airbench's alternating flip,
+    arXiv 2404.00498: every image is seen both ways in any two consecutive epochs).
+    """
+    g = torch.Generator(device=torch.device(device))
+    g.manual_seed(seed * 7919 + 17)
+    first = torch.rand(n, generator=g, device=torch.device(device)) < FLIP_P
+    return first if epoch % 2 == 1 else ~first
 
 
 def eval_batches(

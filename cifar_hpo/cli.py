@@ -137,8 +137,10 @@ def _parser_bench(p: argparse.ArgumentParser) -> None:
     _add_data_flags(b, default="cifar10")
     _add_device_flag(b)
     b.add_argument("--target", type=float, default=0.70, help="test accuracy to reach (default: 0.70)")
-    b.add_argument("--epochs", type=int, default=None, help="epochs of the schedule (default: 2 on a CPU, 10 on a GPU)")
-    b.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    b.add_argument("--epochs", type=int, default=None,
+                   help="epochs of the schedule (default: planned for the target, see bench/time_to_accuracy.py LADDER)")
+    b.add_argument("--seed", type=int, default=0, help="first seed (default: 0)")
+    b.add_argument("--seeds", type=int, default=1, help="runs, seeds seed..seed+N-1, one after another (default: 1)")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a fast_cnn default")
     _add_json_flag(b)
     b = sub.add_parser("pruning", help="the same small study with the default pruner and with none")

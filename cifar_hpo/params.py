@@ -40,6 +40,9 @@ class TrialParams:
     # Augmentation: one knob in [0, 1] scaling every op; ops can be switched off.
     aug_strength: float = 0.0
     aug_ops: tuple[str, ...] = AUG_OPS
+    # With the flip op: mirror each image in every other epoch (a coin per image in the
+    # first) instead of a fresh coin per epoch.
+    alt_flip: bool = False
     # Pretrained models: load ImageNet weights, train only the last
     # `finetune_depth` stages of the backbone (0 = only the new head).
     pretrained: bool = False
@@ -48,6 +51,13 @@ class TrialParams:
     # Architecture options specific to one model (width, cifar_stem, upsample, ...).
     arch: dict[str, Any] = field(default_factory=dict)
     precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    # Learning-rate multiplier of the BatchNorm shifts (fast_cnn's BN has no scale and
+    # its logits are scaled down, so its shifts learn slowly at the weights' lr).
+    norm_lr_scale: float = 1.0
+    # Lookahead: every `train.LOOKAHEAD_IMAGES` training images the weights are pulled
+    # towards an average of themselves, more strongly as training ends; the run ends on
+    # the average (airbench's schedule, arXiv 2404.00498).
+    lookahead: bool = False
     compile: bool = False  # torch.compile the model (CUDA only)
 
     def __post_init__(self) -> None:
@@ -73,6 +83,8 @@ class TrialParams:
             problems.append(f"finetune_depth must be >= 0, got {self.finetune_depth}")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.norm_lr_scale > 0:
+            problems.append(f"norm_lr_scale must be > 0, got {self.norm_lr_scale}")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if problems:

@@ -50,6 +50,9 @@ WSD_DECAY_FRAC = 0.2
 # A probe (cooldown branch) at epoch k decays from the current lr to 0 over this share
 # of the steps trained so far: a complete short WSD schedule of about k * 1.2 epochs.
 PROBE_COOLDOWN_FRAC = 0.2
+# Lookahead (TrialParams.lookahead) averages every this many training images: airbench94's
+# every 5 steps of 1,024 images, kept per image so that other batch sizes average alike.
+LOOKAHEAD_IMAGES = 5 * 1024
 
 
 class StopTraining(Exception):
@@ -145,20 +148,57 @@ def make_optimizer(model: nn.Module, params: TrialParams) -> torch.optim.Optimiz
     """The optimizer of ``params`` over the parameters with ``requires_grad``.
 
     Weight decay applies to weight matrices and conv kernels only; biases and
-    normalization parameters (1-D tensors) are not decayed.
+    normalization parameters (1-D tensors) are not decayed. Normalization
+    parameters learn at ``params.norm_lr_scale`` times the lr: each group's
+    ``lr_scale`` multiplies the scheduled lr (`set_lr`).
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise UserError(f"model {params.model} has no trainable parameters; raise finetune_depth or check the model")
+    norm_ids = {
+        id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase | nn.GroupNorm | nn.LayerNorm)
+        for p in m.parameters(recurse=False)
+    }  # fmt: skip
     groups = [
-        {"params": [p for p in trainable if p.ndim > 1], "weight_decay": params.weight_decay},
-        {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0},
-    ]
+        {"params": [p for p in trainable if p.ndim > 1], "weight_decay": params.weight_decay, "lr_scale": 1.0},
+        {"params": [p for p in trainable if p.ndim <= 1 and id(p) not in norm_ids], "weight_decay": 0.0, "lr_scale": 1.0},
+        {"params": [p for p in trainable if p.ndim <= 1 and id(p) in norm_ids], "weight_decay": 0.0,
+         "lr_scale": params.norm_lr_scale},
+    ]  # fmt: skip
     groups = [g for g in groups if g["params"]]
     if params.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=params.lr, momentum=params.momentum, nesterov=params.momentum > 0)
     cls = torch.optim.AdamW if params.optimizer == "adamw" else torch.optim.Adam
     return cls(groups, lr=params.lr, betas=(params.momentum, 0.999))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's lr to ``lr`` times its ``lr_scale`` (`make_optimizer`)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def lookahead_decay(step: int, total_steps: int) -> float:
+    """How strongly `_lookahead` pulls the weights back to their average after ``step`` steps.
+
+    airbench94's schedule: 0.95**5 * (progress)**3, so early training runs free and
+    the last steps are averaged; the run's last step ends on the average (1.0).
+    """
+    if step >= total_steps:
+        return 1.0
+    return 0.95**5 * (step / total_steps) ** 3
+
+
+def _lookahead(avg: dict[str, torch.Tensor] | None, model: nn.Module, decay: float) -> dict[str, torch.Tensor]:
+    """avg <- decay * avg + (1 - decay) * weights, then weights <- avg (floating tensors, BN statistics too)."""
+    with torch.no_grad():
+        state = model.state_dict()
+        if avg is None:
+            return {k: v.detach().clone() for k, v in state.items() if v.is_floating_point()}
+        for k, a in avg.items():
+            a.lerp_(state[k], 1.0 - decay)
+            state[k].copy_(a)
+    return avg
 
 
 def lr_factor(schedule: str, step: int, total_steps: int, warmup_frac: float) -> float:
@@ -278,8 +318,7 @@ def _probe(
                     break
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * (1.0 - done / steps)
+                set_lr(optimizer, lr * (1.0 - done / steps))
                 with _autocast(device, params.precision):
                     logits = model(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=params.label_smoothing)
@@ -428,6 +467,8 @@ def train(
     history = History(params_count=count_params(model), device=str(device))
     step, start_epoch, seconds_before = 0, 0, 0.0
     ema: dict[str, torch.Tensor] | None = None
+    average: dict[str, torch.Tensor] | None = None  # lookahead's average of the weights
+    lookahead_every = max(1, round(LOOKAHEAD_IMAGES / params.batch_size))
     ema_decay = 1.0 - 1.0 / max(1.0, (ema_horizon or 0.0) * steps_per_epoch)
 
     if resume is not None:
@@ -445,6 +486,8 @@ def train(
             torch.cuda.set_rng_state(resume["rng"]["cuda"].cpu(), device)
         if ema_horizon is not None and resume.get("ema") is not None:
             ema = {k: v.to(device) for k, v in resume["ema"].items()}
+        if resume.get("lookahead") is not None:
+            average = {k: v.to(device) for k, v in resume["lookahead"].items()}
     else:
         init = getattr(model, "init_from_data", None)
         if callable(init):
@@ -469,6 +512,7 @@ def train(
         correct = torch.zeros((), dtype=torch.int64, device=device)
         seen = 0
         finite = True
+        flips = augment.alternating_flips(n, epoch, seed, device) if params.alt_flip else None
         batches: Iterator[tuple[torch.Tensor, torch.Tensor]] = augment.train_batches(
             data,
             params.batch_size,
@@ -476,13 +520,13 @@ def train(
             ops=params.aug_ops,
             generator=generator,
             drop_last=drop_last,
+            flips=flips,
         )
         for x, y in batches:
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             lr = params.lr * lr_factor(params.schedule, step, total_steps, params.warmup_frac)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, lr)
             with _autocast(device, params.precision):
                 logits = forward(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=params.label_smoothing)
@@ -493,6 +537,8 @@ def train(
             loss.backward()
             optimizer.step()
             step += 1
+            if params.lookahead and (step % lookahead_every == 0 or step == total_steps):
+                average = _lookahead(average, model, lookahead_decay(step, total_steps))
             if ema_horizon is not None:
                 ema = _update_ema(ema, model, min(ema_decay, (1 + step) / (10 + step)))
             loss_sum += loss.detach() * len(y)
@@ -533,7 +579,10 @@ def train(
         history.seconds = seconds_before + time.perf_counter() - t_start
         if on_epoch is not None:
 
-            def snapshot(epoch: int = epoch, step: int = step, ema: dict[str, torch.Tensor] | None = ema) -> dict[str, Any]:
+            def snapshot(
+                epoch: int = epoch, step: int = step, ema: dict[str, torch.Tensor] | None = ema,
+                average: dict[str, torch.Tensor] | None = average,
+            ) -> dict[str, Any]:  # fmt: skip
                 rng = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
                 if device.type == "cuda":
                     rng["cuda"] = torch.cuda.get_rng_state(device)
@@ -549,6 +598,7 @@ def train(
                         "params": params.to_dict(),
                         "seed": seed,
                         "ema": ema,
+                        "lookahead": average,
                     }
                 )
 

@@ -171,3 +171,19 @@ def test_cuda_batches_with_cuda_generator() -> None:
     g = make_generator(d.device, 0)
     x, y = next(augment.train_batches(d, 32, strength=1.0, ops=OPS, generator=g))
     assert x.is_cuda and y.is_cuda and x.dtype == torch.float32 and x.shape == (32, 3, 32, 32)
+
+
+def test_alternating_flips_mirror_each_image_in_every_other_epoch() -> None:
+    first, second, third = (augment.alternating_flips(1000, e, seed=3, device="cpu") for e in (1, 2, 3))
+    assert torch.equal(second, ~first) and torch.equal(third, first)
+    assert 400 < int(first.sum()) < 600  # a coin per image in the first epoch
+    assert not torch.equal(first, augment.alternating_flips(1000, 1, seed=4, device="cpu"))
+    # train_batches mirrors exactly the images the flips say (strength > 0 with only the flip op).
+    d = device_data()
+    flips = augment.alternating_flips(100, 2, seed=0, device="cpu")
+    batches = list(augment.train_batches(d, 50, strength=1.0, ops=("flip",), generator=gen(1), flips=flips))
+    perm = torch.randperm(100, generator=gen(1))
+    got = torch.cat([b[0] for b in batches])
+    plain = augment.normalize(d.train_x[perm], d.mean, d.std)
+    want = torch.where(flips[perm][:, None, None, None], plain.flip(-1), plain)
+    torch.testing.assert_close(got, want)

@@ -262,3 +262,25 @@ def test_unknown_arch_option_is_refused() -> None:
 
     with pytest.raises(UserError, match="unknown arch option.*width; valid: depth, hidden, image_size"):
         build(TrialParams(model="mlp", arch={"width": 512}), 10)
+
+
+def test_fast_cnn_tta_levels_and_identity_init() -> None:
+    torch.manual_seed(0)
+    model = models.build(TrialParams(model="fast_cnn", arch={"width": 0.25, "tta": 2}), 10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        mirror = 0.5 * (model._logits(x) + model._logits(x.flip(-1)))
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        ups = [padded[..., :32, :32], padded[..., 2:, 2:]]
+        shifted = sum(0.5 * (model._logits(u) + model._logits(u.flip(-1))) for u in ups) / 2
+        assert torch.allclose(model(x), 0.5 * mirror + 0.5 * shifted, atol=1e-5)
+        model.tta = 0
+        assert torch.equal(model(x), model._logits(x))
+    for bad in (3, "yes", 1.5):
+        with pytest.raises(UserError, match="arch.tta must be 0, 1 or 2"):
+            models.build(TrialParams(model="fast_cnn", arch={"tta": bad}), 10)
+    # The first c_in filters of every conv start as the identity; identity_init=false keeps torch's init.
+    conv = model.groups[1][0]  # 16 -> 64 channels at width 0.25
+    assert torch.equal(conv.weight[:16, :, 1, 1], torch.eye(16)) and conv.weight[:16].abs().sum() == 16
+    plain = models.build(TrialParams(model="fast_cnn", arch={"width": 0.25, "identity_init": False}), 10)
+    assert not torch.equal(plain.groups[1][0].weight[:16, :, 1, 1], torch.eye(16))

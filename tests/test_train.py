@@ -376,3 +376,62 @@ def test_bench_time_to_accuracy_json(image_folder: Path, tmp_path: Path, capsys:
     assert cli.main([*argv, "--target", "1.01", "--epochs", "2"]) == 1  # unreachable: all epochs, exit 1
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["reached"] is False and result["epochs"] == 2
+    assert result["seconds_per_epoch"] > 0 and result["peak_mem_mb"] > 0 and result["seeds"] == [0]
+    # --seeds: one run per seed, means with each seed's figures beside them.
+    assert cli.main([*argv, "--target", "1.01", "--epochs", "1", "--seed", "3", "--seeds", "2"]) == 1
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["seeds"] == [3, 4] and [r["seed"] for r in result["per_seed"]] == [3, 4]
+    assert result["test_acc"] == pytest.approx(sum(r["test_acc"] for r in result["per_seed"]) / 2)
+    assert result["test_acc_std"] >= 0 and result["seconds_std"] >= 0
+
+
+def test_time_to_accuracy_plans_the_schedule_for_the_target() -> None:
+    from cifar_hpo.bench.time_to_accuracy import LADDER, plan
+
+    assert plan("cpu", 0.70) == (2, True)  # the light network's 2-epoch path
+    assert plan("cpu", 0.90) == (LADDER["cpu"][1][1], False)
+    assert plan("cpu", 0.94) == plan("cpu", 0.99) == (LADDER["cpu"][-1][1], False)
+    assert plan("cuda", 0.94) == (10, False)
+    epochs = [e for _, e, _ in LADDER["cpu"]]
+    assert epochs == sorted(epochs)
+
+
+# ---------------------------------------------------------------- airbench recipe pieces
+
+
+def test_norm_lr_scale_multiplies_only_the_batchnorm_shifts_lr() -> None:
+    from cifar_hpo.train import make_optimizer, set_lr
+
+    model = models.build(SMALL.replace(norm_lr_scale=64.0), 3)
+    optimizer = make_optimizer(model, SMALL.replace(norm_lr_scale=64.0))
+    set_lr(optimizer, 0.5)
+    bn_ids = {id(m.bias) for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
+    by_param = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert bn_ids and all(by_param[i] == 32.0 for i in bn_ids)
+    others = [lr for i, lr in by_param.items() if i not in bn_ids]
+    assert others and all(lr == 0.5 for lr in others)  # conv kernels, the head and the whitening bias
+    assert id(model.whiten.bias) in by_param and by_param[id(model.whiten.bias)] == 0.5
+
+
+def test_lookahead_ends_on_the_average_and_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cifar_hpo import train as train_module
+    from cifar_hpo.train import lookahead_decay
+
+    assert lookahead_decay(0, 100) == 0.0 and lookahead_decay(100, 100) == 1.0
+    assert 0.0 < lookahead_decay(50, 100) < lookahead_decay(99, 100) < 0.95**5 + 1e-12
+    monkeypatch.setattr(train_module, "LOOKAHEAD_IMAGES", 64)  # average every 2 steps of 32 here
+    params = SMALL.replace(lookahead=True, norm_lr_scale=8.0, arch={"width": 0.125, "tta": 2})
+    data = colour_data()
+    plain_model, _ = _run(params.replace(lookahead=False), data, epochs=3, seed=1)
+    full_model, full = _run(params, data, epochs=3, seed=1)
+    assert not _same_weights(_weights(plain_model), _weights(full_model))  # the averaging changed the run
+    assert full.status == "ok" and full.epochs[-1].val_acc > 0.6
+
+    path = tmp_path / "snap.pt"
+    assert _crash_after_epoch_1(params, data, 3, path).status == "stopped"
+    assert checkpoint.load(path)["lookahead"] is not None
+    torch.manual_seed(99)
+    resumed_model = models.build(params, data.num_classes)
+    resumed = train(resumed_model, data, params, epochs=3, seed=1, resume=checkpoint.load(path))
+    assert _without_timing(resumed) == _without_timing(full)
+    assert _same_weights(_weights(resumed_model), _weights(full_model))
