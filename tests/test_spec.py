@@ -107,7 +107,8 @@ def test_recipe_is_chosen_by_the_study_file_not_the_machine(tmp_path: Path, monk
     gpu = load_spec(str(gpu_file))
     assert gpu.recipe == "gpu" and gpu.to_dict()["recipe"] == "gpu"  # recorded with the study
     module = load_search_space("fast")
-    fixed = {"lr": 0.5, "batch_size": 256, "weight_decay": 1e-4, "label_smoothing": 0.1, "aug_strength": 0.5, "warmup_frac": 0.1}
+    fixed = {"lr": 0.5, "batch_size": 256, "weight_decay": 1e-4, "label_smoothing": 0.1, "aug_strength": 0.5, "warmup_frac": 0.1,
+             "norm_lr_scale": 32.0}  # fmt: skip
     seen = []
     for cuda in (False, True):
         monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
@@ -115,7 +116,10 @@ def test_recipe_is_chosen_by_the_study_file_not_the_machine(tmp_path: Path, monk
                      module.suggest(optuna.trial.FixedTrial(fixed), default_recipe(gpu))))  # fmt: skip
     assert seen[0] == seen[1]  # the same space on a CPU-only and a CUDA machine
     cpu_params, gpu_params = seen[0]
-    assert cpu_params.arch == {"width": 0.5, "stem_stride": 2} and gpu_params.arch == {"width": 1.0, "stem_stride": 1}
+    assert cpu_params.norm_lr_scale == gpu_params.norm_lr_scale == 32.0
+    # The same airbench network on both; the CPU recipe autocasts to bf16 (AMX/AVX-512), the GPU one as CUDA likes.
+    assert cpu_params.arch == gpu_params.arch and cpu_params.arch["width"] == 1.0
+    assert cpu_params.precision == "bf16" and gpu_params.precision == "auto"
 
 
 def test_bad_recipe_names_the_choices(tmp_path: Path) -> None:

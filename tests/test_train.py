@@ -342,7 +342,7 @@ def test_cli_train_prints_epochs_and_saves(image_folder: Path, tmp_path: Path, c
     epochs = [cols for cols in lines if cols and cols[0] in ("1", "2")]
     assert len(epochs) == 2
     saved = checkpoint.load(out)
-    assert saved["params"]["arch"] == {"width": 0.125, "stem_stride": 2}  # merged into the default arch
+    assert saved["params"]["arch"] == {"width": 0.125, "stem_stride": 1, "tta": 2, "bn_momentum": 0.4}  # merged into the default arch
     assert saved["params"]["batch_size"] == 16
     assert saved["classes"] == ["cat", "dog", "frog"]
     model = models.build(TrialParams.from_dict(saved["params"]), 3)
