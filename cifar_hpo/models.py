@@ -117,6 +117,7 @@ class _ConvGroup(nn.Sequential):
             # channel through), the rest keep torch's default init (airbench's init).
             with torch.no_grad():
                 for conv in (self[0], self[4]):
+                    assert isinstance(conv, nn.Conv2d)
                     w = conv.weight
                     nn.init.dirac_(w[: min(w.shape[0], w.shape[1])])
 
