@@ -190,14 +190,9 @@ def lookahead_decay(step: int, total_steps: int) -> float:
 
 
 def _lookahead(avg: dict[str, torch.Tensor] | None, model: nn.Module, decay: float) -> dict[str, torch.Tensor]:
-    """avg <- decay * avg + (1 - decay) * weights, then weights <- avg (floating tensors, BN statistics too)."""
-    with torch.no_grad():
-        state = model.state_dict()
-        if avg is None:
-            return {k: v.detach().clone() for k, v in state.items() if v.is_floating_point()}
-        for k, a in avg.items():
-            a.lerp_(state[k], 1.0 - decay)
-            state[k].copy_(a)
+    """avg <- decay * avg + (1 - decay) * weights (`_update_ema`), then weights <- avg."""
+    avg = _update_ema(avg, model, decay)
+    model.load_state_dict(avg)
     return avg
 
 
