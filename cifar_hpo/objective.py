@@ -128,7 +128,8 @@ def objective(trial: optuna.Trial, ctx: Context) -> float:
 
         try:
             history = train.train(model, ctx.data, params, epochs=ctx.spec.epochs, seed=seed, on_epoch=on_epoch, resume=resume,
-                                  probe_epochs=pruners.probe_epochs(ctx.spec), ema_horizon=pruners.ema_horizon(ctx.spec))
+                                  probe_epochs=pruners.probe_epochs(ctx.spec), ema_horizon=pruners.ema_horizon(ctx.spec),
+                                  ema_epochs=pruners.ema_epochs(ctx.spec))
         except optuna.TrialPruned:
             ctx.until_written(lambda: _record(trial, ctx, started, None, best))
             shutil.rmtree(folder, ignore_errors=True)

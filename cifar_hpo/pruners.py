@@ -130,7 +130,27 @@ def trial_params(spec: Any, params: Any) -> Any:
 
 def ema_horizon(spec: Any) -> float | None:
     """EMA horizon in epochs for the ema fidelity, else None (no EMA kept)."""
-    return EMA_HORIZON_EPOCHS if getattr(spec.pruner, "fidelity", "plain") == "ema" else None
+    return EMA_HORIZON_EPOCHS if getattr(spec.pruner, "fidelity", "plain") == "ema" and spec.pruner.kind != "none" else None
+
+
+def ema_epochs(spec: Any) -> list[int]:
+    """The epochs where a trial of ``spec`` evaluates its EMA (ema fidelity): its pruner's rungs."""
+    p = spec.pruner
+    if ema_horizon(spec) is None:
+        return []
+    return rung_epochs(p.kind, p.min_resource, p.reduction_factor, spec.epochs)
+
+
+def eval_cost(val_fraction: float) -> float:
+    """One extra pass over a study's validation images, in training epochs of that study.
+
+    A forward pass without augmentation costs about a third of a training step
+    (`curves.EVAL_COST_PER_IMAGE`), and the validation split holds
+    ``val_fraction / (1 - val_fraction)`` images per training image (1/9 at the 9:1 split).
+    """
+    from cifar_hpo.bench.curves import EVAL_COST_PER_IMAGE
+
+    return val_fraction / (1.0 - val_fraction) * EVAL_COST_PER_IMAGE
 
 
 # ---------------------------------------------------------------- the study report (cifar-hpo report)

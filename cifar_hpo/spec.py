@@ -11,6 +11,8 @@ stem unless the file sets ``name``. ``recipe = "cpu"`` (default) or ``"gpu"``
 picks the model's default recipe (`models.Model.recipes`) that the search space
 searches around and ``retrain --default-params`` trains: it is part of the
 study, so every worker and every replay search the same space on any machine.
+An ``[arch]`` table changes the model's architecture options in that recipe
+(``studies/fast_light.toml``: fast_cnn's light network).
 
 The bundled study files and search spaces are the repository's ``studies/`` and
 ``search_spaces/`` folders; an installed wheel holds them as the package
@@ -83,8 +85,8 @@ class PrunerSpec:
     n_startup_trials: int = 5  # median: trials that are never pruned
     n_warmup_steps: int = 1  # median: epochs before pruning starts
     # What a rung compares (cifar_hpo.pruners): "plain" accuracy, a "probe" (wsd schedule,
-    # cooldown branch at each rung) or an "ema" of the weights.
-    fidelity: str = "probe"
+    # cooldown branch at each rung) or an "ema" of the weights; plain measured best (docs/pruning.md).
+    fidelity: str = "plain"
     keep: int = 1  # rung_top_k: a trial continues past a rung while fewer than this many did better there
 
 
@@ -115,6 +117,9 @@ class StudySpec:
     data: DataSpec
     direction: str = "maximize"  # validation accuracy
     path: str = ""
+    # [arch]: the model's architecture options (`models.Model.arch_keys`) changed from its
+    # default recipe, e.g. fast_cnn's light network: width = 0.5, stem_stride = 2.
+    arch: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, as written beside the results."""
@@ -197,9 +202,9 @@ def parse_spec(raw: dict[str, Any], path: Path) -> StudySpec:
     """Validate a parsed TOML document; every error names the file and key."""
     where = str(path)
     sections = {"sampler": SamplerSpec, "pruner": PrunerSpec, "data": DataSpec}
-    unknown = sorted(set(raw) - set(TOP_KEYS) - set(sections))
+    unknown = sorted(set(raw) - set(TOP_KEYS) - set(sections) - {"arch"})
     if unknown:
-        valid = ", ".join([*TOP_KEYS, *(f"[{s}]" for s in sections)])
+        valid = ", ".join([*TOP_KEYS, *(f"[{s}]" for s in [*sections, "arch"])])
         raise UserError(f"{where}: unknown key {unknown[0]!r}; valid keys: {valid}")
     for key in ("model", "search_space", "epochs", "trials"):
         if key not in raw:
@@ -224,9 +229,22 @@ def parse_spec(raw: dict[str, Any], path: Path) -> StudySpec:
         data=data,
         direction=raw.get("direction", "maximize"),
         path=str(path),
+        arch=_arch_table(raw.get("arch"), where),
     )
     _validate(spec, where)
     return spec
+
+
+def _arch_table(raw: Any, where: str) -> dict[str, Any]:
+    """The ``[arch]`` table: option -> number, bool or string (the model's keys are checked in `_validate`)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: [arch] must be a table, e.g. [arch] width = 0.5")
+    for key, value in raw.items():
+        if not isinstance(value, int | float | bool | str):
+            raise UserError(f"{where}: arch.{key} must be a number, true/false or a string, got {value!r}")
+    return dict(raw)
 
 
 # A study's name is a folder under --results (and retrain deletes folders by it): one safe path component.
@@ -248,6 +266,9 @@ def _validate(spec: StudySpec, where: str) -> None:
 
     check_study_name(spec.name, where)
     _check(spec.model in MODELS, where, "model", f"{spec.model!r} is unknown; valid: {', '.join(MODELS)}")
+    keys = MODELS[spec.model].arch_keys
+    for key in spec.arch:
+        _check(key in keys, where, f"arch.{key}", f"is not an option of {spec.model}; valid: {', '.join(sorted(keys)) or 'none'}")
     _check(spec.recipe in DEVICE_KINDS, where, "recipe", f"must be one of {', '.join(DEVICE_KINDS)}, got {spec.recipe!r}")
     _check(spec.epochs >= 1, where, "epochs", f"must be >= 1, got {spec.epochs}")
     _check(spec.trials >= 1, where, "trials", f"must be >= 1, got {spec.trials}")
@@ -305,11 +326,13 @@ def default_recipe(spec: StudySpec) -> TrialParams:
     """The study model's default recipe for the study's ``recipe`` kind (`models.default_params`).
 
     The search space searches around it (``suggest(trial, recipe)``) and
-    ``retrain --default-params`` trains it.
+    ``retrain --default-params`` trains it. The study file's ``[arch]`` options
+    replace the recipe's.
     """
     from cifar_hpo.models import default_params
 
-    return default_params(spec.model, spec.recipe)
+    recipe = default_params(spec.model, spec.recipe)
+    return recipe.replace(arch={**recipe.arch, **spec.arch}) if spec.arch else recipe
 
 
 def suggest_params(spec: StudySpec, trial: optuna.trial.BaseTrial) -> TrialParams:

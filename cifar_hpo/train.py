@@ -268,6 +268,26 @@ def _update_ema(ema: dict[str, torch.Tensor] | None, model: nn.Module, decay: fl
     return ema
 
 
+@contextlib.contextmanager
+def _single_pass_unless(model: nn.Module, last: bool) -> Iterator[None]:
+    """Evaluate with one pass, not the model's test-time augmentation, unless ``last``.
+
+    A model with a ``tta`` level (fast_cnn) averages up to 6 passes per image in
+    eval mode; the run's epochs before its last are evaluated once per image
+    (they rank and prune trials, where TTA changes little and would cost several
+    times the evaluation), the last epoch with the model's own level.
+    """
+    level = getattr(model, "tta", None)
+    if last or not level:
+        yield
+        return
+    model.tta = 0  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        model.tta = level  # type: ignore[assignment]
+
+
 def _evaluate_with(model: nn.Module, state: dict[str, torch.Tensor], data: DeviceData, precision: str) -> float:
     """Validation accuracy of ``model`` with ``state`` loaded; the model's own weights are restored after."""
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -397,6 +417,7 @@ def train(
     resume: dict[str, Any] | None = None,
     probe_epochs: Collection[int] = (),
     ema_horizon: float | None = None,
+    ema_epochs: Collection[int] | None = None,
 ) -> History:
     """Train ``model`` on ``data`` for ``epochs`` epochs with the recipe in ``params``.
 
@@ -431,6 +452,8 @@ def train(
             state, so the run's own history is the same with or without probes.
         ema_horizon: also evaluate an exponential moving average of the weights
             (``EpochResult.ema_acc``), averaging over about this many epochs.
+        ema_epochs: evaluate the EMA only after these epochs (a pruner's rungs:
+            each evaluation costs a pass over the validation images); None: every epoch.
 
     Returns:
         The `History`; status "nonfinite" when a non-finite loss stopped the run
@@ -547,15 +570,16 @@ def train(
             break
         _sync(device)
         train_seconds = time.perf_counter() - t0
-        # The eager model: a compiled one would recompile for eval mode and the ragged last batch.
-        metrics = evaluate(model, data.eval_x, data.eval_y, mean=data.mean, std=data.std, precision=params.precision)
         probe_acc, probe_steps, ema_acc = None, 0, None
-        if epoch in probe_epochs and epoch < epochs:
-            probe_steps = max(1, int(round(PROBE_COOLDOWN_FRAC * step)))
-            probe_acc = _probe(model, optimizer, data, params, lr=lr, steps=probe_steps, seed=seed * 1009 + epoch,
-                               drop_last=drop_last, channels_last=channels_last)  # fmt: skip
-        if ema is not None:
-            ema_acc = _evaluate_with(model, ema, data, params.precision)
+        with _single_pass_unless(model, epoch == epochs):
+            # The eager model: a compiled one would recompile for eval mode and the ragged last batch.
+            metrics = evaluate(model, data.eval_x, data.eval_y, mean=data.mean, std=data.std, precision=params.precision)
+            if epoch in probe_epochs and epoch < epochs:
+                probe_steps = max(1, int(round(PROBE_COOLDOWN_FRAC * step)))
+                probe_acc = _probe(model, optimizer, data, params, lr=lr, steps=probe_steps, seed=seed * 1009 + epoch,
+                                   drop_last=drop_last, channels_last=channels_last)  # fmt: skip
+            if ema is not None and (ema_epochs is None or epoch in ema_epochs):
+                ema_acc = _evaluate_with(model, ema, data, params.precision)
         result = EpochResult(
             epoch=epoch,
             train_loss=float(loss_sum.item()) / max(1, seen),

@@ -137,12 +137,28 @@ def test_probe_epochs_skip_the_first_rung() -> None:
     spec = load_spec("fast").replace(epochs=8)
     spec = spec.replace(pruner=PrunerSpec(kind="rung_top_k", min_resource=1, reduction_factor=3, fidelity="probe"))
     assert pruners.probe_epochs(spec) == [3]  # epoch 1 compares the plain accuracy (PROBE_FROM_EPOCH)
-    long = spec.replace(epochs=10, pruner=PrunerSpec(kind="successive_halving", min_resource=1, reduction_factor=3))
+    long = spec.replace(epochs=10, pruner=PrunerSpec(kind="successive_halving", min_resource=1, reduction_factor=3, fidelity="probe"))
     assert pruners.probe_epochs(long) == [3]  # rung 9 is inside the trial's own final decay (epochs 9-10)
 
 
 def test_an_unpruned_study_keeps_the_search_spaces_schedule() -> None:
     spec = load_spec("fast")
-    assert spec.pruner.fidelity == "probe" and pruners.trial_params(spec, SMALL).schedule == "wsd"
+    assert spec.pruner.fidelity == "plain" and pruners.trial_params(spec, SMALL) is SMALL  # the shipped default
+    spec = spec.replace(pruner=PrunerSpec(fidelity="probe"))
+    assert pruners.trial_params(spec, SMALL).schedule == "wsd"
     none = spec.replace(pruner=PrunerSpec(kind="none", fidelity="probe"))
     assert pruners.trial_params(none, SMALL).schedule == SMALL.schedule and pruners.probe_epochs(none) == []
+
+
+def test_the_ema_fidelity_evaluates_the_average_only_at_the_rungs() -> None:
+    spec = load_spec("fast").replace(epochs=10, pruner=PrunerSpec(kind="successive_halving", reduction_factor=4, fidelity="ema"))
+    assert pruners.ema_epochs(spec) == [1, 4]
+    assert pruners.ema_epochs(spec.replace(pruner=PrunerSpec(kind="none", fidelity="ema"))) == []
+    model = models.build(SMALL, 3)
+    history = train(model, colour_data(), SMALL, epochs=3, seed=1, ema_horizon=0.5, ema_epochs=[2])
+    assert [e.ema_acc is not None for e in history.epochs] == [False, True, False]
+
+
+def test_an_extra_evaluation_costs_the_studys_validation_share() -> None:
+    # 9:1 split: 1 validation image per 9 training images, a forward pass a third of a step.
+    assert pruners.eval_cost(0.1) == pytest.approx(1 / 27)

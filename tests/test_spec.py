@@ -27,7 +27,7 @@ def test_every_bundled_study_loads() -> None:
     assert {"baseline", "mlp", "resnet18", "densenet", "fast"} <= set(specs)
     assert specs["densenet"].model == "densenet121"
     assert specs["baseline"].sampler.kind == "tpe" and specs["baseline"].sampler.multivariate
-    assert specs["fast"].pruner.kind == "successive_halving" and specs["fast"].pruner.fidelity == "probe"
+    assert specs["fast"].pruner.kind == "successive_halving" and specs["fast"].pruner.fidelity == "plain"
 
 
 @pytest.mark.parametrize("path", sorted(STUDIES_DIR.glob("*.toml")), ids=lambda p: p.stem)
@@ -63,6 +63,8 @@ def test_user_file_by_path(tmp_path: Path) -> None:
         (GOOD.replace("[pruner]", "[pruner]\npatience = 3"), "unknown key pruner.patience"),
         ("model = [", "not valid TOML"),
         (GOOD.replace("trials = 4", ""), "missing required key 'trials'"),
+        (GOOD + "[arch]\nwidth = 0.5\n", "arch.width is not an option of baseline_cnn"),
+        ("arch = 3\n" + GOOD, "[arch] must be a table"),
     ],
 )
 def test_bad_study_file_is_one_clear_line(tmp_path: Path, text: str, fragment: str) -> None:
@@ -165,3 +167,15 @@ def test_studies_command_refuses_an_empty_folder(tmp_path: Path, capsys: pytest.
     assert cli.main(["studies", "--dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no study files" in err and str(tmp_path) in err
+
+
+def test_arch_table_changes_the_recipes_network(tmp_path: Path) -> None:
+    spec = load_spec("fast_light")
+    fast = default_recipe(load_spec("fast"))
+    light = default_recipe(spec)
+    assert light.arch == {**fast.arch, "width": 0.5, "stem_stride": 2}  # the rest of the recipe's arch kept
+    assert light.replace(arch=fast.arch) == fast  # and nothing else changed
+    f = tmp_path / "mine.toml"
+    f.write_text('model = "fast_cnn"\nsearch_space = "fast"\nepochs = 2\ntrials = 2\n[arch]\nwidht = 0.5\n')
+    with pytest.raises(UserError, match=r"arch.widht is not an option of fast_cnn; valid: .*width"):
+        load_spec(str(f))

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from cifar_hpo import checkpoint, cli, models
+from cifar_hpo import train as train_mod
 from cifar_hpo.data import DeviceData
 from cifar_hpo.params import TrialParams
 from cifar_hpo.train import (
@@ -435,3 +436,19 @@ def test_lookahead_ends_on_the_average_and_resumes_exactly(tmp_path: Path, monke
     resumed = train(resumed_model, data, params, epochs=3, seed=1, resume=checkpoint.load(path))
     assert _without_timing(resumed) == _without_timing(full)
     assert _same_weights(_weights(resumed_model), _weights(full_model))
+
+
+def test_epochs_before_the_last_are_evaluated_without_test_time_augmentation(monkeypatch: pytest.MonkeyPatch) -> None:
+    # TTA (6 passes per image at level 2) only where it counts: the run's last evaluation.
+    seen: list[int] = []
+    real = train_mod.evaluate
+
+    def spy(model, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(model.tta)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "evaluate", spy)
+    params = SMALL.replace(arch={"width": 0.125, "tta": 2})
+    model = models.build(params, 3)
+    train_mod.train(model, colour_data(n_train=64, n_eval=16), params, epochs=3, seed=0)
+    assert seen == [0, 0, 2] and model.tta == 2

@@ -1,6 +1,6 @@
 """``cifar-hpo bench curves``: record a learning-curve bank from real training.
 
-    cifar-hpo bench curves --data ../shared/data/cifar10-jpeg.tar.gz --study fast --configs 40
+    cifar-hpo bench curves --data ../shared/data/cifar10-jpeg.tar.gz --study fast_light --configs 40
 
 Draws ``--configs`` configurations from the study's search space (Optuna's
 random sampler, seeded), trains each one for the study's epochs on a
@@ -42,9 +42,9 @@ DESIGNS: dict[str, dict[str, Any]] = {
     "onecycle": {"schedule": None, "probes": False, "ema_horizon": 0.5},
     "wsd": {"schedule": "wsd", "probes": True, "ema_horizon": None},
 }
-# Epochs where the wsd design records a cooldown probe (those inside the run): the
-# rungs of successive halving / hyperband with reduction factor 2, 3 or 4 from 1 epoch.
-PROBE_EPOCHS = (1, 2, 3, 4, 6, 8)
+# Epochs where the wsd design records a cooldown probe (those before the run's own
+# decay): the rungs of successive halving / hyperband with reduction factor 2 to 6 from 1 epoch.
+PROBE_EPOCHS = (1, 2, 3, 4, 5, 6, 8)
 # Cost of one evaluation of the validation split, in training epochs, per validation
 # image per training image: a forward pass without augmentation is about a third of a
 # training step (forward + backward). Used for the EMA evaluation, which is extra work.

@@ -1,16 +1,25 @@
 """``cifar-hpo bench pruning``: the same small study with the default pruner and with none, live.
 
     cifar-hpo bench pruning --data ../shared/data/cifar10-jpeg.tar.gz --seeds 3 --json
+    cifar-hpo bench pruning --data ../shared/data/cifar10-jpeg.tar.gz --sampler random --seeds 4
 
-Both studies use the `fast` study file's model, search space, pruner (kind,
-reduction factor, min resource, fidelity) and sampler seed, a stratified
-subset of real images and a few epochs per trial, in throwaway SQLite
-databases; ``--seeds K`` repeats the pair for sampler seeds seed..seed+K-1.
-The unpruned study trains today's recipe (plain fidelity, the search space's
-schedule). Reported: epochs trained (cooldown probes included, as
-``bench search`` counts them) and best validation accuracy of each, their
-ratio and difference, per seed and as a mean. ``bench search`` replays the
-same comparison on recorded curves over many seeds; this is its live check.
+Both studies use the study file's (``--study``, default fast_light) model,
+search space, pruner (kind, reduction factor, min resource, fidelity) and
+sampler seed, and train on the same images as ``bench curves``' banks (a
+stratified subset of ``--train-images`` training and ``--val-images``
+validation images of the 9:1 split, drawn with the banks' seed), in throwaway
+SQLite databases; ``--seeds K`` repeats the pair for sampler seeds
+seed..seed+K-1. The unpruned study trains today's recipe (plain fidelity, the
+search space's schedule). Reported: epochs trained (cooldown probes included,
+as ``bench search`` counts them) and best validation accuracy of each, their
+ratio and difference, per seed and as a mean with its spread.
+
+``bench search`` replays the same comparison on recorded curves over many
+seeds; this is its live check. With ``--sampler random`` both studies train
+the same configurations in the same order (a seeded random sampler does not
+look at results), which is what the replay models; with the study's TPE the
+pruned study also steers the sampler differently (it sees mostly one-epoch
+values), which the replay cannot model.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from pathlib import Path
 import optuna
 
 from cifar_hpo.bench import emit
-from cifar_hpo.run import load_data, open_study, work
+from cifar_hpo.run import open_study, work
 from cifar_hpo.spec import PrunerSpec, StudySpec, load_spec
 
 
@@ -52,17 +61,28 @@ def run_study(spec: StudySpec, data: object, folder: Path) -> dict[str, float]:
 
 def main(args: argparse.Namespace) -> int:
     """Run both studies side by side and print the comparison."""
+    import statistics
+
+    from cifar_hpo import data as data_mod
+    from cifar_hpo.bench.curves import subset_data
+    from cifar_hpo.device import resolve_device
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    base = load_spec("fast").with_overrides(epochs=args.epochs, trials=args.trials, data=args.data, subset=args.subset)
+    base = load_spec(args.study).with_overrides(epochs=args.epochs, trials=args.trials, data=args.data)
     base = base.replace(seed=args.seed)
+    if args.sampler:
+        base = base.replace(sampler=dataclasses.replace(base.sampler, kind=args.sampler))
     if args.pruner or args.reduction_factor:
         chosen = dataclasses.replace(
             base.pruner, kind=args.pruner or base.pruner.kind, reduction_factor=args.reduction_factor or base.pruner.reduction_factor
         )
         base = base.replace(pruner=chosen)
-    data = load_data(base, args)
+    ds = data_mod.load_dataset(base.data.source, data_dir=args.data_dir, cache_dir=args.cache_dir)
+    split = data_mod.split_dataset(ds, val_fraction=base.data.val_fraction, seed=base.data.split_seed)
+    # The banks' images (bench curves draws its subset with its --seed, 0 by default).
+    data = subset_data(ds, split, args.train_images, args.val_images, 0, resolve_device(args.device))
     per_seed = []
-    for seed in range(base.seed, base.seed + max(1, getattr(args, "seeds", 1))):
+    for seed in range(base.seed, base.seed + max(1, args.seeds)):
         pruned_spec = base.replace(name=f"pruned-{seed}", seed=seed)
         today = dataclasses.replace(PrunerSpec(), kind="none", fidelity="plain")  # today's recipe, never pruned
         none_spec = base.replace(name=f"unpruned-{seed}", seed=seed, pruner=today)
@@ -82,21 +102,26 @@ def main(args: argparse.Namespace) -> int:
             "seconds_unpruned": round(unpruned["seconds"], 1),
         })  # fmt: skip
         print(f"seed {seed}: " + ", ".join(f"{k} {v}" for k, v in per_seed[-1].items() if k != "seed"), flush=True)
+
+    def spread(key: str) -> float:
+        return round(statistics.stdev(r[key] for r in per_seed), 4) if len(per_seed) > 1 else 0.0
+
     p = base.pruner
     result = {
+        "study": base.name,
         "pruner": f"{p.kind} (min_resource={p.min_resource}, reduction_factor={p.reduction_factor}, fidelity={p.fidelity})",
+        "sampler": base.sampler.kind,
         "trials": base.trials,
         "epochs_per_trial": base.epochs,
         "train_images": len(data.train_y),
+        "val_images": len(data.eval_y),
         "device": str(data.device),
         "seeds": len(per_seed),
-        "epochs_ratio": round(sum(r["epochs_ratio"] for r in per_seed) / len(per_seed), 4),
-        "regret_points": round(sum(r["regret_points"] for r in per_seed) / len(per_seed), 3),
-        "epochs_pruned": round(sum(r["epochs_pruned"] for r in per_seed), 2),
-        "epochs_unpruned": sum(r["epochs_unpruned"] for r in per_seed),
-        "best_pruned": per_seed[0]["best_pruned"],
-        "best_unpruned": per_seed[0]["best_unpruned"],
-        "best_diff_points": -per_seed[0]["regret_points"],
+        "epochs_ratio": round(statistics.fmean(r["epochs_ratio"] for r in per_seed), 4),
+        "epochs_ratio_sd": spread("epochs_ratio"),
+        "regret_points": round(statistics.fmean(r["regret_points"] for r in per_seed), 3),
+        "regret_points_sd": spread("regret_points"),
+        "wall_ratio": round(sum(r["seconds_pruned"] for r in per_seed) / sum(r["seconds_unpruned"] for r in per_seed), 4),
         "per_seed": per_seed,
     }
     emit({k: v for k, v in result.items() if k != "per_seed"}, False)
