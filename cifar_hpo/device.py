@@ -7,6 +7,7 @@ processes) can use `cpu_threads` without loading torch.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 from typing import TYPE_CHECKING
@@ -49,6 +50,21 @@ def cpu_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
         return max(1, os.cpu_count() or 1)
+
+
+@functools.cache
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX bf16 tiles (``amx_bf16`` in /proc/cpuinfo's flags).
+
+    bf16 autocast pays on a CPU only with them: fast_cnn trained at 1,091 img/s in
+    bf16 vs 370 in fp32 on a Xeon with AMX, but at 187 vs 323 (fp32 channels_last)
+    on a Xeon with AVX-512 bf16 and no AMX.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
+    except OSError:  # not Linux: fp32, the safe choice
+        return False
 
 
 def device_name(device: torch.device) -> str:

@@ -448,7 +448,7 @@ _FAST_CNN = TrialParams(
     model="fast_cnn", lr=0.375, batch_size=256, optimizer="sgd", momentum=0.85, weight_decay=1.33e-3,
     schedule="onecycle", warmup_frac=0.23, label_smoothing=0.2, aug_strength=0.5, aug_ops=("translate", "flip"),
     alt_flip=True, norm_lr_scale=64.0, lookahead=True, arch={"width": 1.0, "stem_stride": 1, "tta": 2, "bn_momentum": 0.4},
-    precision="bf16",
+    precision="auto",  # bf16 autocast where it pays: CUDA, CPUs with AMX (train._use_bf16)
 )  # fmt: skip
 
 MODELS: dict[str, Model] = {

@@ -50,7 +50,7 @@ class TrialParams:
     dropout: float = 0.0
     # Architecture options specific to one model (width, cifar_stem, upsample, ...).
     arch: dict[str, Any] = field(default_factory=dict)
-    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    precision: str = "auto"  # auto = bf16 autocast on CUDA and on CPUs with AMX, else fp32
     # Learning-rate multiplier of the BatchNorm shifts (fast_cnn's BN has no scale and
     # its logits are scaled down, so its shifts learn slowly at the weights' lr).
     norm_lr_scale: float = 1.0

@@ -124,7 +124,10 @@ class Metrics:
 
 
 def _use_bf16(device: torch.device, precision: str) -> bool:
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    """bf16 autocast: asked for, or "auto" on CUDA and on CPUs with AMX (`device.cpu_has_amx`)."""
+    from cifar_hpo.device import cpu_has_amx
+
+    return precision == "bf16" or (precision == "auto" and (device.type == "cuda" or (device.type == "cpu" and cpu_has_amx())))
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:

@@ -217,3 +217,10 @@ def test_bench_search_without_a_bank_is_one_line(tmp_path: Path, capsys: pytest.
     assert cli.main(["bench", "search", "--no-record", "--bank-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no onecycle bank" in err and "Traceback" not in err
+
+
+def test_the_shipped_rule_is_not_its_own_rival() -> None:
+    plain = default_rules(24, EPOCHS, PrunerSpec(kind="successive_halving", reduction_factor=4, fidelity="plain"))
+    assert search.twins(plain) == ["successive halving rf4"]
+    probe = default_rules(24, EPOCHS, PrunerSpec(kind="successive_halving", reduction_factor=4, fidelity="probe"))
+    assert search.twins(probe) == []

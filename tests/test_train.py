@@ -452,3 +452,15 @@ def test_epochs_before_the_last_are_evaluated_without_test_time_augmentation(mon
     model = models.build(params, 3)
     train_mod.train(model, colour_data(n_train=64, n_eval=16), params, epochs=3, seed=0)
     assert seen == [0, 0, 2] and model.tta == 2
+
+
+def test_auto_precision_uses_bf16_on_cuda_and_on_cpus_with_amx_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cifar_hpo import device
+
+    assert isinstance(device.cpu_has_amx.__wrapped__(), bool)  # reads /proc/cpuinfo (False where there is none)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(device, "cpu_has_amx", lambda: False)
+    assert not train_mod._use_bf16(cpu, "auto") and train_mod._use_bf16(cuda, "auto")
+    assert train_mod._use_bf16(cpu, "bf16") and not train_mod._use_bf16(cpu, "fp32")
+    monkeypatch.setattr(device, "cpu_has_amx", lambda: True)
+    assert train_mod._use_bf16(cpu, "auto") and not train_mod._use_bf16(cuda, "fp32")

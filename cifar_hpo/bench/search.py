@@ -190,6 +190,12 @@ def default_rules(trials: int, epochs: int, shipped: Any, topk: int | None = Non
     ]
 
 
+def twins(rules: Sequence[Rule]) -> list[str]:
+    """Baselines that are the shipped rule ("ours") itself: same pruner, design and fidelity; not rivals."""
+    ours = next(r for r in rules if r.name == "ours")
+    return [r.name for r in rules if r.baseline and dataclasses.replace(r, name="ours", baseline=False) == ours]
+
+
 def compare(
     banks: dict[str, dict[str, Any]], rules: Sequence[Rule], *, trials: int, seeds: int
 ) -> dict[str, Any]:
@@ -501,8 +507,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"spearman(rung, final) {fid}: {shown}")
     ours = table["ours"]
     our_rule = next(r for r in rules if r.name == "ours")
-    # A baseline that is the shipped rule itself (same pruner, design and fidelity) is not a rival.
-    same = [r.name for r in rules if r.baseline and dataclasses.replace(r, name="ours", baseline=False) == our_rule]
+    same = twins(rules)
     baselines = [r.name for r in rules if r.baseline and r.name not in same]
     # Ours must be ahead of every baseline: fewer epochs at equal or lower regret.
     not_ahead_of = [n for n in baselines if not (ours["epochs_ratio"] < table[n]["epochs_ratio"]
