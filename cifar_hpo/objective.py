@@ -31,7 +31,7 @@ from cifar_hpo.errors import UserError
 from cifar_hpo.params import TrialParams
 from cifar_hpo.spec import StudySpec, suggest_params
 
-KEEP_BEST = 3  # completed trials whose checkpoints are kept; the rest are deleted
+KEEP_BEST = 3  # a completed trial writes its checkpoint when it is among this many best so far
 
 def _snapshot_every_s() -> float:
     """Seconds of training between resumable snapshots within a trial."""
@@ -217,11 +217,16 @@ def _record(trial: optuna.Trial, ctx: Context, started: float, history: Any, bes
 
 
 def _keep_checkpoint(trial: optuna.Trial, ctx: Context, params: TrialParams, best: dict[str, Any], value: float) -> None:
-    """Upload this trial's best checkpoint if it is among the best few; delete ones it pushes out."""
+    """Upload this trial's best checkpoint if it is among the `KEEP_BEST` best so far.
+
+    A checkpoint that later drops out of the best few is kept: its artifact entry lives in the
+    finished trial's system attributes, which Optuna will not change, so deleting the file left
+    an entry whose download failed (optuna-dashboard answered 500). Only trials that were among
+    the best when they finished write one, a few per study.
+    """
     states = (optuna.trial.TrialState.COMPLETE,)
     others = [t for t in trial.study.get_trials(deepcopy=False, states=states) if t.value is not None]
-    values = {t.number: float(t.value) for t in others if t.value is not None}
-    ranked = sorted([*values.values(), value], reverse=True)
+    ranked = sorted([*(float(t.value) for t in others if t.value is not None), value], reverse=True)
     if best["state"] is None or value < ranked[min(KEEP_BEST, len(ranked)) - 1]:
         return  # not among the best: never written
     with tempfile.TemporaryDirectory() as tmp:
@@ -229,14 +234,6 @@ def _keep_checkpoint(trial: optuna.Trial, ctx: Context, params: TrialParams, bes
         _save_best(path, params, best, ctx)
         artifact_id = optuna.artifacts.upload_artifact(artifact_store=ctx.store, file_path=str(path), study_or_trial=trial)
     trial.set_user_attr("checkpoint_artifact_id", artifact_id)
-    keep = {t.number for t in sorted(others, key=lambda t: values[t.number], reverse=True)[: KEEP_BEST - 1]}
-    for t in others:
-        old = t.user_attrs.get("checkpoint_artifact_id")
-        if old and t.number not in keep:
-            try:
-                ctx.store.remove(old)
-            except Exception:  # already removed by another worker
-                pass
 
 
 def _save_best(path: Path, params: TrialParams, best: dict[str, Any], ctx: Context) -> None:

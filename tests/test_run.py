@@ -258,3 +258,27 @@ def test_surplus_guard_counts_lower_numbered_trials(tmp_path: Path) -> None:
     assert _count_blocking(study, running.number + 1) == 3
     assert _count_blocking(study, running.number) == 2
 
+
+
+def test_every_listed_artifact_can_be_downloaded(tmp_path: Path) -> None:
+    # Each finished trial beats the last, so each pushes the oldest checkpoint out of the best three;
+    # an artifact the study lists (and optuna-dashboard offers) must still open.
+    from types import SimpleNamespace
+
+    import torch
+
+    from cifar_hpo import storage
+    from tests.test_train import SMALL
+
+    store = storage.artifact_store(f"sqlite:///{tmp_path}/db.sqlite3", tmp_path)
+    study = optuna.create_study(direction="maximize")
+    ctx = SimpleNamespace(store=store, data=SimpleNamespace(classes=("a", "b"), mean=(0.5,) * 3, std=(0.25,) * 3))
+    for value in (0.1, 0.2, 0.3, 0.4, 0.5):
+        trial = study.ask()
+        objective._keep_checkpoint(trial, ctx, SMALL, {"state": {"w": torch.zeros(2)}, "epoch": 1, "acc": value}, value)  # type: ignore[arg-type]
+        study.tell(trial, value)
+    listed = [m.artifact_id for t in study.get_trials() for m in optuna.artifacts.get_all_artifact_meta(t, storage=study._storage)]
+    assert len(listed) == 5
+    for artifact_id in listed:
+        with store.open_reader(artifact_id) as f:
+            assert f.read(2)
