@@ -30,6 +30,10 @@ EMA_HORIZON_EPOCHS = 0.5  # the EMA fidelity averages over about this many epoch
 # one epoch most configurations are still warming up (warmup_frac up to 0.4 of the
 # trial), so a cooldown adds little there and would cost a fifth of an epoch per trial.
 PROBE_FROM_EPOCH = 2
+# Cost of one evaluation of the validation split, in training epochs, per validation
+# image per training image: a forward pass without augmentation is about a third of a
+# training step (forward + backward). Charged for the EMA evaluation, which is extra work.
+EVAL_COST_PER_IMAGE = 1 / 3
 
 
 class RungTopKPruner(optuna.pruners.BasePruner):
@@ -145,11 +149,9 @@ def eval_cost(val_fraction: float) -> float:
     """One extra pass over a study's validation images, in training epochs of that study.
 
     A forward pass without augmentation costs about a third of a training step
-    (`curves.EVAL_COST_PER_IMAGE`), and the validation split holds
+    (`EVAL_COST_PER_IMAGE`), and the validation split holds
     ``val_fraction / (1 - val_fraction)`` images per training image (1/9 at the 9:1 split).
     """
-    from cifar_hpo.bench.curves import EVAL_COST_PER_IMAGE
-
     return val_fraction / (1.0 - val_fraction) * EVAL_COST_PER_IMAGE
 
 

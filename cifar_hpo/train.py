@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifar_hpo.device import cpu_threads
+from cifar_hpo.device import cpu_has_amx, cpu_threads
 from cifar_hpo.errors import UserError
 from cifar_hpo.params import TrialParams
 
@@ -125,8 +125,6 @@ class Metrics:
 
 def _use_bf16(device: torch.device, precision: str) -> bool:
     """bf16 autocast: asked for, or "auto" on CUDA and on CPUs with AMX (`device.cpu_has_amx`)."""
-    from cifar_hpo.device import cpu_has_amx
-
     return precision == "bf16" or (precision == "auto" and (device.type == "cuda" or (device.type == "cpu" and cpu_has_amx())))
 
 

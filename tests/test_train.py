@@ -459,8 +459,8 @@ def test_auto_precision_uses_bf16_on_cuda_and_on_cpus_with_amx_only(monkeypatch:
 
     assert isinstance(device.cpu_has_amx.__wrapped__(), bool)  # reads /proc/cpuinfo (False where there is none)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(device, "cpu_has_amx", lambda: False)
+    monkeypatch.setattr(train_mod, "cpu_has_amx", lambda: False)
     assert not train_mod._use_bf16(cpu, "auto") and train_mod._use_bf16(cuda, "auto")
     assert train_mod._use_bf16(cpu, "bf16") and not train_mod._use_bf16(cpu, "fp32")
-    monkeypatch.setattr(device, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(train_mod, "cpu_has_amx", lambda: True)
     assert train_mod._use_bf16(cpu, "auto") and not train_mod._use_bf16(cuda, "fp32")

@@ -35,6 +35,7 @@ import optuna
 import torch
 
 from cifar_hpo.errors import UserError
+from cifar_hpo.pruners import EVAL_COST_PER_IMAGE
 
 BANK_VERSION = 1
 # What each design changes in a configuration's recipe and what it measures per epoch.
@@ -45,10 +46,6 @@ DESIGNS: dict[str, dict[str, Any]] = {
 # Epochs where the wsd design records a cooldown probe (those before the run's own
 # decay): the rungs of successive halving / hyperband with reduction factor 2 to 6 from 1 epoch.
 PROBE_EPOCHS = (1, 2, 3, 4, 5, 6, 8)
-# Cost of one evaluation of the validation split, in training epochs, per validation
-# image per training image: a forward pass without augmentation is about a third of a
-# training step (forward + backward). Used for the EMA evaluation, which is extra work.
-EVAL_COST_PER_IMAGE = 1 / 3
 
 
 @dataclass(frozen=True)
@@ -158,7 +155,7 @@ def train_config(config: dict[str, Any], design: str, data: Any, epochs: int, se
     )
     n = len(data.train_y)
     steps_per_epoch = n // params.batch_size if n >= params.batch_size else 1
-    eval_epochs = len(data.eval_y) / n * EVAL_COST_PER_IMAGE
+    eval_epochs = len(data.eval_y) / n * EVAL_COST_PER_IMAGE  # the bank's own; bench search charges the study's
     return {
         "status": history.status,
         "steps_per_epoch": steps_per_epoch,
@@ -247,15 +244,19 @@ def bank_paths(args: argparse.Namespace) -> list[Path]:
 
 def ensure(args: argparse.Namespace) -> list[Path]:
     """Record (or finish recording) the banks ``args`` describe; their paths."""
+    study_spec, specs = _specs(args)
+    return record(specs, study_spec, bank_data(study_spec, args, args.seed), folder=args.bank_dir or banks_dir())
+
+
+def bank_data(study_spec: Any, args: argparse.Namespace, seed: int) -> Any:
+    """The images a bank (and ``bench pruning``'s live check) trains on: ``--train-images`` /
+    ``--val-images`` stratified from the study's split, drawn with ``seed``, on ``--device``."""
     from cifar_hpo import data
     from cifar_hpo.device import resolve_device
 
-    study_spec, specs = _specs(args)
-    device = resolve_device(args.device)
     ds = data.load_dataset(args.data or study_spec.data.source, data_dir=args.data_dir, cache_dir=args.cache_dir)
     split = data.split_dataset(ds, val_fraction=study_spec.data.val_fraction, seed=study_spec.data.split_seed)
-    dd = subset_data(ds, split, args.train_images, args.val_images, args.seed, device)
-    return record(specs, study_spec, dd, folder=args.bank_dir or banks_dir())
+    return subset_data(ds, split, args.train_images, args.val_images, seed, resolve_device(args.device))
 
 
 def main(args: argparse.Namespace) -> int:

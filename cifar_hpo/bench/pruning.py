@@ -63,9 +63,7 @@ def main(args: argparse.Namespace) -> int:
     """Run both studies side by side and print the comparison."""
     import statistics
 
-    from cifar_hpo import data as data_mod
-    from cifar_hpo.bench.curves import subset_data
-    from cifar_hpo.device import resolve_device
+    from cifar_hpo.bench.curves import bank_data
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     base = load_spec(args.study).with_overrides(epochs=args.epochs, trials=args.trials, data=args.data)
@@ -77,10 +75,7 @@ def main(args: argparse.Namespace) -> int:
             base.pruner, kind=args.pruner or base.pruner.kind, reduction_factor=args.reduction_factor or base.pruner.reduction_factor
         )
         base = base.replace(pruner=chosen)
-    ds = data_mod.load_dataset(base.data.source, data_dir=args.data_dir, cache_dir=args.cache_dir)
-    split = data_mod.split_dataset(ds, val_fraction=base.data.val_fraction, seed=base.data.split_seed)
-    # The banks' images (bench curves draws its subset with its --seed, 0 by default).
-    data = subset_data(ds, split, args.train_images, args.val_images, 0, resolve_device(args.device))
+    data = bank_data(base, args, 0)  # the default banks' images (bench curves --seed 0)
     per_seed = []
     for seed in range(base.seed, base.seed + max(1, args.seeds)):
         pruned_spec = base.replace(name=f"pruned-{seed}", seed=seed)
