@@ -249,18 +249,18 @@ def _parser_report(p: argparse.ArgumentParser) -> None:
 
 
 COMMANDS: dict[str, Command] = {
-    "run": Command("run", "Run or resume an Optuna study until it has --trials finished trials.", _parser_run),
-    "studies": Command("spec", "List the study files with a one-line description each.", _parser_studies, "main_list"),
-    "status": Command("status", "Show a table of studies, or of one study's trials (safe while a run is going).", _parser_status),
-    "dashboard": Command("dashboard", "Start optuna-dashboard on the study storage and artifact store.", _parser_dashboard),
-    "train": Command("train", "Train one model outside any study and print per-epoch progress.", _parser_train),
-    "retrain": Command("retrain", "Retrain the best trial on train+validation and evaluate once on the test split.", _parser_retrain),
-    "report": Command("report", "Compare every final model with the baseline: figures and summary tables.", _parser_report),
-    "export": Command("export", "Export a final model as ONNX, a torch.export program, a checkpoint and a model card, each checked.",
+    "run": Command("commands.run", "Run or resume an Optuna study until it has --trials finished trials.", _parser_run),
+    "studies": Command("commands.studies", "List the study files with a one-line description each.", _parser_studies, "main"),
+    "status": Command("commands.status", "Show a table of studies, or of one study's trials (safe while a run is going).", _parser_status),
+    "dashboard": Command("commands.dashboard", "Start optuna-dashboard on the study storage and artifact store.", _parser_dashboard),
+    "train": Command("commands.train", "Train one model outside any study and print per-epoch progress.", _parser_train),
+    "retrain": Command("commands.retrain", "Retrain the best trial on train+validation and evaluate once on the test split.", _parser_retrain),
+    "report": Command("commands.report", "Compare every final model with the baseline: figures and summary tables.", _parser_report),
+    "export": Command("commands.export", "Export a final model as ONNX, a torch.export program, a checkpoint and a model card, each checked.",
                       _parser_export),  # fmt: skip
-    "predict": Command("predict", "Classify images with a final.pt, model.pt2 or model.onnx (ONNX Runtime, no torch needed).",
+    "predict": Command("commands.predict", "Classify images with a final.pt, model.pt2 or model.onnx (ONNX Runtime, no torch needed).",
                        _parser_predict),  # fmt: skip
-    "explore": Command("explore", "Write sample-image grids per class, augmentation previews and class counts.", _parser_explore),
+    "explore": Command("commands.explore", "Write sample-image grids per class, augmentation previews and class counts.", _parser_explore),
     "bench": Command("bench", "Benchmarks measured side by side in one run (data, train, time-to-accuracy, pruning, faults).",
                      _parser_bench),  # fmt: skip
 }

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from cifar_hpo import augment
-from cifar_hpo.augment import OPS, affine_resample, cutout_, make_generator, shift_flip
 from cifar_hpo.data import DeviceData
+from cifar_hpo.training import augment
+from cifar_hpo.training.augment import OPS, affine_resample, cutout_, make_generator, shift_flip
 
 
 def gen(seed: int = 0) -> torch.Generator:

@@ -23,8 +23,9 @@ import pytest
 from conftest import make_image_folder, study_toml
 from optuna.trial import TrialState
 
-from cifar_hpo import cli, dashboard_notes
-from cifar_hpo.spec import load_spec
+from cifar_hpo import cli
+from cifar_hpo.study import note as dashboard_notes
+from cifar_hpo.study.spec import load_spec
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ def decode_counter(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         calls[0] += 1
         return real(name, payload)
 
-    monkeypatch.setattr(data, "decode_image", counting)
+    monkeypatch.setattr(data.decode, "decode_image", counting)
     return calls
 
 
@@ -52,7 +52,7 @@ def make_batches(folder: Path, classes: tuple[str, ...] = ("ant", "bee", "cow"),
     """A cifar-10-batches-py folder with random images; pixel [0, 0, 0] of image 0 of each file is set."""
     rng = np.random.default_rng(1)
     folder.mkdir(parents=True)
-    for name in data.BATCH_FILES:
+    for name in data.sources.BATCH_FILES:
         x = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
         x[0, 0], x[0, 1024], x[0, 2048] = 11, 22, 33  # R, G, B of pixel (0, 0)
         labels = [i % len(classes) for i in range(per_batch)]
@@ -231,8 +231,8 @@ def test_failed_cache_write_leaves_no_temp_file(image_folder: Path, tmp_path: Pa
 
 def test_parallel_decoding_matches_serial(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     serial = load(image_folder, tmp_path / "s")
-    monkeypatch.setattr(data, "PARALLEL_MIN_IMAGES", 0)
-    monkeypatch.setattr(data, "cpu_threads", lambda: 4)
+    monkeypatch.setattr(data.decode, "PARALLEL_MIN_IMAGES", 0)
+    monkeypatch.setattr(data.decode, "cpu_threads", lambda: 4)
     parallel = load(image_folder, tmp_path / "p")
     np.testing.assert_array_equal(serial.train_x, parallel.train_x)
     np.testing.assert_array_equal(serial.test_x, parallel.test_x)
@@ -440,7 +440,7 @@ def test_bench_unpack_stays_inside(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_real_archive_end_to_end(shared_archive: Path, tmp_path: Path) -> None:
-    from cifar_hpo import augment
+    from cifar_hpo.training import augment
 
     ds = data.load_dataset(str(shared_archive), cache_dir=tmp_path / "cache", progress=False)
     assert ds.classes[:3] == ("airplane", "automobile", "bird") and len(ds.classes) == 10

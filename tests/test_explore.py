@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cifar_hpo import cli, explore
+from cifar_hpo import cli
+from cifar_hpo.commands import explore
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

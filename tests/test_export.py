@@ -13,8 +13,11 @@ import pytest
 import torch
 from conftest import SHARED_ARCHIVE, make_image_folder, study_toml
 
-from cifar_hpo import checkpoint, cli, export, finalmodel, models, predict
+from cifar_hpo import cli, models
+from cifar_hpo.deploy import export, predict
+from cifar_hpo.models import final as finalmodel
 from cifar_hpo.params import TrialParams
+from cifar_hpo.storage import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -25,9 +25,10 @@ import torch
 from conftest import make_image_folder, study_toml
 from optuna.trial import TrialState
 
-from cifar_hpo import checkpoint, cli, storage
+from cifar_hpo import cli, storage
 from cifar_hpo.bench import faults
 from cifar_hpo.errors import UserError
+from cifar_hpo.storage import checkpoint, heartbeat
 
 PG = "postgresql://postgres@127.0.0.1:5432/test"
 FAULT_ENV = {"CIFAR_HPO_HEARTBEAT": "1", "CIFAR_HPO_GRACE": "3", "CIFAR_HPO_SNAPSHOT_S": "0"}
@@ -164,8 +165,8 @@ def test_a_worker_killed_before_its_first_heartbeat_leaves_no_zombie(tmp_path: P
     # A worker killed right after taking a trial, before Optuna's heartbeat thread started (while the
     # sampler ran): Optuna never counts a RUNNING trial without a heartbeat as stale, so the study
     # waited on it for ever. Found by `bench faults --kills 10`. Both ways of taking a trial are covered.
-    monkeypatch.setattr(storage, "HEARTBEAT_INTERVAL", 1)
-    monkeypatch.setattr(storage, "GRACE_PERIOD", 1)
+    monkeypatch.setattr(heartbeat, "HEARTBEAT_INTERVAL", 1)
+    monkeypatch.setattr(heartbeat, "GRACE_PERIOD", 1)
     study = optuna.create_study(storage=storage.open_storage(f"sqlite:///{tmp_path}/db.sqlite3"), study_name="s")
     study.enqueue_trial({"x": 0.5})
     requeued, fresh = study.ask(), study.ask()  # ...and the worker dies: no optimize(), no heartbeat thread
@@ -183,13 +184,13 @@ def test_a_running_trial_that_never_had_a_heartbeat_is_failed_after_orphan_s(tmp
     url = f"sqlite:///{tmp_path}/db.sqlite3"
     plain = optuna.create_study(storage=url, study_name="s")  # Optuna's own storage: no first heartbeat
     plain.ask()
-    monkeypatch.setattr(storage, "HEARTBEAT_INTERVAL", 1)
-    monkeypatch.setattr(storage, "GRACE_PERIOD", 1)
+    monkeypatch.setattr(heartbeat, "HEARTBEAT_INTERVAL", 1)
+    monkeypatch.setattr(heartbeat, "GRACE_PERIOD", 1)
     study = optuna.load_study(study_name="s", storage=storage.open_storage(url))
-    monkeypatch.setattr(storage, "ORPHAN_S", 60.0)
+    monkeypatch.setattr(heartbeat, "ORPHAN_S", 60.0)
     optuna.storages.fail_stale_trials(study)
     assert study.get_trials()[0].state == TrialState.RUNNING  # young: its worker may be about to beat
-    monkeypatch.setattr(storage, "ORPHAN_S", 0.5)
+    monkeypatch.setattr(heartbeat, "ORPHAN_S", 0.5)
     time.sleep(1.0)
     optuna.storages.fail_stale_trials(study)
     trials = study.get_trials()
@@ -207,9 +208,9 @@ def test_an_outage_between_failing_a_stale_trial_and_adding_its_retry_loses_noth
     # left the trial FAIL with no retry, and no worker ever retried it: a lost trial (seen in the
     # PostgreSQL restart test of `bench faults`, under load). Here the read or the write after the FAIL
     # finds the database gone twice; the worker that failed the trial waits for it and adds the retry.
-    monkeypatch.setattr(storage, "HEARTBEAT_INTERVAL", 1)
-    monkeypatch.setattr(storage, "GRACE_PERIOD", 1)
-    monkeypatch.setattr(storage, "REQUEUE_PAUSE_S", 0.05, raising=False)  # absent before the fix
+    monkeypatch.setattr(heartbeat, "HEARTBEAT_INTERVAL", 1)
+    monkeypatch.setattr(heartbeat, "GRACE_PERIOD", 1)
+    monkeypatch.setattr(heartbeat, "REQUEUE_PAUSE_S", 0.05, raising=False)  # absent before the fix
     st = storage.open_storage(f"sqlite:///{tmp_path}/db.sqlite3")
     study = optuna.create_study(storage=st, study_name="s")
     study.enqueue_trial({"x": 0.5})
@@ -248,8 +249,8 @@ def test_a_stale_trial_failed_by_a_worker_killed_before_adding_its_retry_is_retr
     # The worker that failed a stale trial was SIGKILLed before it added the retry: the trial stayed
     # FAIL with no retry for ever. Now any worker re-queues it once it has been so for GRACE_PERIOD, and
     # if two workers both do, the later retry stands down when taken.
-    monkeypatch.setattr(storage, "HEARTBEAT_INTERVAL", 1)
-    monkeypatch.setattr(storage, "GRACE_PERIOD", 1)
+    monkeypatch.setattr(heartbeat, "HEARTBEAT_INTERVAL", 1)
+    monkeypatch.setattr(heartbeat, "GRACE_PERIOD", 1)
     st = storage.open_storage(f"sqlite:///{tmp_path}/db.sqlite3")
     study = optuna.create_study(storage=st, study_name="s")
     study.enqueue_trial({"x": 0.5})
@@ -267,7 +268,7 @@ def test_a_stale_trial_failed_by_a_worker_killed_before_adding_its_retry_is_retr
     optuna.storages.fail_stale_trials(study)
     assert len(study.get_trials()) == 2  # retried once, not at every check
     # Two workers that re-queued it at the same moment: the first retry runs, the second stands down.
-    storage._retry_callback()(study, trials[0])
+    heartbeat.retry_callback()(study, trials[0])
     first, second = study.ask(), study.ask()
     assert storage.earlier_retry(study, first) is None and storage.earlier_retry(study, second) == first.number
 
@@ -361,7 +362,7 @@ def _alive(pid: int) -> bool:
 WRITER = textwrap.dedent(
     """
     import json, os, random, signal, sys, time
-    from cifar_hpo import checkpoint
+    from cifar_hpo.storage import checkpoint
 
     path, rounds = sys.argv[1], int(sys.argv[2])
     rng = random.Random(0)

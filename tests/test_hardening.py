@@ -19,9 +19,11 @@ import pytest
 from conftest import make_image_folder, study_toml
 from optuna.trial import TrialState
 
-from cifar_hpo import checkpoint, cli, finalmodel, storage
+from cifar_hpo import cli, storage
 from cifar_hpo.errors import UserError
-from cifar_hpo.spec import parse_spec
+from cifar_hpo.models import final as finalmodel
+from cifar_hpo.storage import checkpoint, heartbeat
+from cifar_hpo.study.spec import parse_spec
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 
@@ -181,8 +183,8 @@ def test_temp_files_of_killed_writers_are_cleaned_by_the_next_run(tmp_path: Path
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_a_stale_trial_is_failed_with_a_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(storage, "HEARTBEAT_INTERVAL", 1)
-    monkeypatch.setattr(storage, "GRACE_PERIOD", 1)
+    monkeypatch.setattr(heartbeat, "HEARTBEAT_INTERVAL", 1)
+    monkeypatch.setattr(heartbeat, "GRACE_PERIOD", 1)
     study = optuna.create_study(storage=storage.open_storage(f"sqlite:///{tmp_path}/db.sqlite3"), study_name="s")
     study.ask()  # ...and its worker dies
     time.sleep(2.2)  # SQLite stamps heartbeats to the second

@@ -78,7 +78,7 @@ def test_registry_entry_is_complete_and_consistent(name: str) -> None:
     head = [h for h in ("fc", "classifier") if hasattr(net, h)]
     trained = []
     for depth in range(len(entry.stages) + 1):
-        models._freeze(net, entry.stages, depth, head)
+        models.pretrained._freeze(net, entry.stages, depth, head)
         trained.append(sum(p.numel() for p in net.parameters() if p.requires_grad))
     assert all(a < b for a, b in zip(trained, trained[1:], strict=False)), trained
     assert trained[-1] == sum(p.numel() for p in net.parameters())

@@ -14,7 +14,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from cifar_hpo import optuna_compat, storage
+from cifar_hpo import storage
+from cifar_hpo.storage import heartbeat, optuna_compat
 
 
 @pytest.fixture
@@ -47,7 +48,7 @@ def test_create_trial_hook_is_called_when_a_study_asks(tmp_path: Path) -> None:
     st = storage.open_storage(f"sqlite:///{tmp_path}/db.sqlite3")
     trial = optuna.create_study(study_name="hook", storage=st).ask()
     # The hook records the first heartbeat at once; without it the trial has none until its heartbeat thread starts.
-    assert storage._with_heartbeat(st.engine, [optuna_compat.trial_id(trial)]) == {optuna_compat.trial_id(trial)}, (
+    assert heartbeat._with_heartbeat(st.engine, [optuna_compat.trial_id(trial)]) == {optuna_compat.trial_id(trial)}, (
         f"optuna {optuna.__version__} no longer calls RDBStorage.{optuna_compat.CREATE_TRIAL_HOOK} when a study asks for a trial"
     )
 
@@ -60,7 +61,7 @@ def test_heartbeat_table_holds_the_trials_that_beat(tmp_path: Path) -> None:
     st.record_heartbeat(optuna_compat.trial_id(silent))
     other = quiet.ask()
     ids = [optuna_compat.trial_id(silent), optuna_compat.trial_id(other)]
-    assert storage._with_heartbeat(st.engine, ids) == {ids[0]}, (
+    assert heartbeat._with_heartbeat(st.engine, ids) == {ids[0]}, (
         f"Optuna's table {optuna_compat.HEARTBEAT_TABLE!r} does not hold one row per trial that sent a heartbeat"
     )
 
@@ -72,7 +73,7 @@ def test_stale_trials_hook_is_what_fail_stale_trials_asks(study: optuna.Study, m
         asked.append(study_id)
         return []
 
-    monkeypatch.setattr(storage._HeartbeatFromStart, optuna_compat.STALE_TRIALS_HOOK, spy)
+    monkeypatch.setattr(heartbeat.HeartbeatStorage, optuna_compat.STALE_TRIALS_HOOK, spy)
     study.ask()
     optuna.storages.fail_stale_trials(study)
     assert asked == [optuna_compat.study_id(study)], (

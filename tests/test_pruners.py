@@ -7,9 +7,13 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from cifar_hpo import models, pruners
-from cifar_hpo.spec import PrunerSpec, load_spec
-from cifar_hpo.train import WSD_DECAY_FRAC, lr_factor, rung_acc, train
+from cifar_hpo import models
+from cifar_hpo.report import data as report_data
+from cifar_hpo.report import figures as report_figures
+from cifar_hpo.study import pruning as pruners
+from cifar_hpo.study.spec import PrunerSpec, load_spec
+from cifar_hpo.training import lr_factor, rung_acc, train
+from cifar_hpo.training.optim import WSD_DECAY_FRAC
 from tests.test_train import SMALL, colour_data
 
 
@@ -84,22 +88,22 @@ def _study(curves: list[tuple[list[float], bool]]) -> optuna.Study:
 def test_study_pruning_data_ranks_rungs_from_completed_trials() -> None:
     # Epoch 1 ranks the completed trials backwards (curves cross); epoch 2 ranks them right.
     study = _study([([0.5, 0.6, 0.7], True), ([0.4, 0.7, 0.8], True), ([0.3, 0.8, 0.9], True), ([0.1], False)])
-    data = pruners.study_pruning_data(study)
+    data = report_data.study_pruning_data(study)
     assert data["spearman"][1] == pytest.approx(-1.0) and data["spearman"][2] == pytest.approx(1.0)
     assert data["pruned_at"] == [1] and data["complete"] == 3 and data["pruned"] == 1
     assert [p["epochs"] for p in data["points"]] == [3, 6, 9, 10]
     assert [p["best"] for p in data["points"]] == [0.7, 0.8, 0.9, 0.9]
-    line = pruners.pruning_line(data)
+    line = report_data.pruning_line(data)
     assert "epoch 1 -1.00" in line and "rank trials poorly" in line
 
 
 def test_pruning_line_with_too_few_trials() -> None:
-    assert "too few completed trials" in pruners.pruning_line(pruners.study_pruning_data(_study([([0.5, 0.6], True)])))
+    assert "too few completed trials" in report_data.pruning_line(report_data.study_pruning_data(_study([([0.5, 0.6], True)])))
 
 
 def test_draw_pruning_writes_a_png(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    data = pruners.study_pruning_data(_study([([0.5, 0.6], True), ([0.2], False), ([0.4, 0.7], True)]))
-    path = pruners.draw_pruning(data, tmp_path / "p.png")
+    data = report_data.study_pruning_data(_study([([0.5, 0.6], True), ([0.2], False), ([0.4, 0.7], True)]))
+    path = report_figures.draw_pruning(data, tmp_path / "p.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 

@@ -15,8 +15,11 @@ import pytest
 from conftest import make_image_folder, study_toml
 from optuna.trial import TrialState
 
-from cifar_hpo import checkpoint, cli, report
-from cifar_hpo.finalmodel import load_final
+from cifar_hpo import cli
+from cifar_hpo.models.final import load_final
+from cifar_hpo.report import data as report_data
+from cifar_hpo.report import page as report_page
+from cifar_hpo.storage import checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -105,12 +108,12 @@ def test_default_out_folder_and_no_storage(env: SimpleNamespace, tmp_path: Path,
 def test_importances_without_scikit_learn() -> None:
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
     study.optimize(lambda t: t.suggest_float("x", 0, 1) + 0.01 * t.suggest_float("y", 0, 1), n_trials=30)
-    data = report.importance_data(study)
+    data = report_data.importance_data(study)
     assert data["evaluator"] == "PedAnovaImportanceEvaluator"
     assert max(data["importances"], key=data["importances"].get) == "x"
     few = optuna.create_study(direction="maximize")
     few.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
-    assert report.importance_data(few)["note"].startswith("skipped: 1 complete trial")
+    assert report_data.importance_data(few)["note"].startswith("skipped: 1 complete trial")
 
 
 def test_bad_input(env: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -173,7 +176,7 @@ def test_report_page_renders_in_headless_chromium(env: SimpleNamespace, tmp_path
     # Every figure loads, at the PNG's own size. The page has no JavaScript; this test copy adds a reporter.
     probe = tmp_path / "probe"
     probe.mkdir()
-    csp = report.CSP
+    csp = report_page.CSP
     (probe / "index.html").write_text(page.replace(csp, csp + "; script-src 'unsafe-inline'").replace("</body>", HARNESS))
     dom = dump_dom((probe / "index.html").as_uri())
     body = next(a for t, a in tags(dom) if t == "body")

@@ -13,8 +13,11 @@ import torch
 from conftest import make_image_folder, study_toml
 from optuna.trial import TrialState
 
-from cifar_hpo import checkpoint, cli, finalmodel, retrain
+from cifar_hpo import cli
+from cifar_hpo.models import final as finalmodel
 from cifar_hpo.params import TrialParams
+from cifar_hpo.storage import checkpoint
+from cifar_hpo.study import retrain
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +81,7 @@ def test_retrain_best_trial_writes_complete_safe_checkpoint(env: SimpleNamespace
     assert (results / "tiny" / "final.json").is_file()
 
     # The weights in the file are the ones that were tested: the same predictions again.
-    from cifar_hpo import train
+    from cifar_hpo import training as train
 
     dd = _final_data(env, f)
     model = finalmodel.build_model(finalmodel.load_final(path))
@@ -237,7 +240,7 @@ def test_missing_database_is_named(env: SimpleNamespace, tmp_path: Path, capsys:
 
 
 def test_replay_prefers_stored_params_when_the_search_space_changed(env: SimpleNamespace, capsys: pytest.CaptureFixture[str]) -> None:
-    from cifar_hpo.spec import load_spec
+    from cifar_hpo.study.spec import load_spec
 
     spec = load_spec(str(env.study_file))
     best = _study(env).best_trial

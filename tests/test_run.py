@@ -17,8 +17,9 @@ import pytest
 from conftest import make_image_folder, study_toml
 from optuna.trial import TrialState
 
-from cifar_hpo import cli, objective
+from cifar_hpo import cli
 from cifar_hpo.params import TrialParams
+from cifar_hpo.study import objective
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +251,7 @@ def test_sigkill_mid_trial_is_failed_and_retried_from_its_snapshot(tmp_path: Pat
 
 
 def test_surplus_guard_counts_lower_numbered_trials(tmp_path: Path) -> None:
-    from cifar_hpo.run import _count_blocking
+    from cifar_hpo.study.worker import _count_blocking
 
     study = optuna.create_study(storage=f"sqlite:///{tmp_path}/s.db", study_name="s", direction="maximize")
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)

@@ -13,8 +13,8 @@ import pytest
 
 from cifar_hpo.bench import curves, search
 from cifar_hpo.bench.search import Rule, compare, default_rules, replay, spearman
-from cifar_hpo.pruners import rung_epochs
-from cifar_hpo.spec import PrunerSpec
+from cifar_hpo.study.pruning import rung_epochs
+from cifar_hpo.study.spec import PrunerSpec
 
 EPOCHS = 8
 
@@ -139,7 +139,7 @@ def test_sampler_check_runs_real_studies_on_the_bank() -> None:
 
 
 def test_recording_is_resumable_and_appends_one_config_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cifar_hpo.spec import load_spec
+    from cifar_hpo.study.spec import load_spec
 
     calls: list[tuple[int, str]] = []
 
@@ -172,7 +172,7 @@ def test_recording_is_resumable_and_appends_one_config_at_a_time(tmp_path: Path,
 
 @pytest.mark.slow
 def test_recording_trains_real_curves_on_tiny_data(tmp_path: Path) -> None:
-    from cifar_hpo.spec import load_spec
+    from cifar_hpo.study.spec import load_spec
     from tests.test_train import colour_data
 
     spec = load_spec("fast")

@@ -16,8 +16,9 @@ import pytest
 import torch
 from conftest import wait_for_dashboard
 
-from cifar_hpo import checkpoint, cli, storage
+from cifar_hpo import cli, storage
 from cifar_hpo.errors import UserError
+from cifar_hpo.storage import checkpoint
 
 
 class _Planted:

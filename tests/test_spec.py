@@ -10,7 +10,8 @@ import pytest
 from cifar_hpo import cli
 from cifar_hpo.errors import UserError
 from cifar_hpo.params import TrialParams
-from cifar_hpo.spec import STUDIES_DIR, default_recipe, list_specs, load_search_space, load_spec
+from cifar_hpo.study.search_space import default_recipe, load_search_space
+from cifar_hpo.study.spec import STUDIES_DIR, list_specs, load_spec
 
 GOOD = """
 model = "baseline_cnn"
@@ -148,7 +149,7 @@ def test_bundled_folders_ship_inside_the_package(tmp_path: Path) -> None:
 def test_bundled_folders_come_from_the_package_outside_a_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.resources
 
-    from cifar_hpo import spec
+    from cifar_hpo.study import search_space as spec
 
     site = tmp_path / "site-packages"  # an installed wheel: no pyproject.toml beside the package
     (site / "cifar_hpo" / "studies").mkdir(parents=True)

@@ -155,7 +155,8 @@ class _FlakyWrites:
 def test_a_finished_trial_keeps_its_value_while_the_database_is_away(tmp_path: Path, folder: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """Issue 9, item 4: the final write of a trained trial failing must not throw the result away (nor retrain it)."""
-    from cifar_hpo import objective, run
+    from cifar_hpo.study import objective
+    from cifar_hpo.study import worker as run
 
     monkeypatch.setattr(run, "RETRY_WRITE_S", 0.01, raising=False)
     flaky = _FlakyWrites(3)
@@ -221,8 +222,11 @@ def test_a_new_study_never_resumes_an_old_studys_snapshot(tmp_path: Path, folder
 
     import torch
 
-    from cifar_hpo import checkpoint, cli, models, objective, train
-    from cifar_hpo.spec import load_spec
+    from cifar_hpo import cli, models
+    from cifar_hpo import training as train
+    from cifar_hpo.storage import checkpoint
+    from cifar_hpo.study import objective
+    from cifar_hpo.study.spec import load_spec
 
     params = models.default_params("baseline_cnn").replace(batch_size=16)
     monkeypatch.setattr(objective, "suggest_params", lambda spec, trial: params)  # same params in both studies

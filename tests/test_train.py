@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from cifar_hpo import checkpoint, cli, models
-from cifar_hpo import train as train_mod
+from cifar_hpo import cli, models
 from cifar_hpo.data import DeviceData
 from cifar_hpo.params import TrialParams
-from cifar_hpo.train import (
+from cifar_hpo.storage import checkpoint
+from cifar_hpo.training import (
     EpochResult,
     History,
     StopTraining,
@@ -26,6 +26,8 @@ from cifar_hpo.train import (
     make_optimizer,
     train,
 )
+from cifar_hpo.training import loop as train_mod
+from cifar_hpo.training import precision as precision_mod
 
 
 def colour_data(n_train: int = 240, n_eval: int = 60, classes: int = 3, seed: int = 0) -> DeviceData:
@@ -401,7 +403,7 @@ def test_time_to_accuracy_plans_the_schedule_for_the_target() -> None:
 
 
 def test_norm_lr_scale_multiplies_only_the_batchnorm_shifts_lr() -> None:
-    from cifar_hpo.train import make_optimizer, set_lr
+    from cifar_hpo.training import make_optimizer, set_lr
 
     model = models.build(SMALL.replace(norm_lr_scale=64.0), 3)
     optimizer = make_optimizer(model, SMALL.replace(norm_lr_scale=64.0))
@@ -415,8 +417,8 @@ def test_norm_lr_scale_multiplies_only_the_batchnorm_shifts_lr() -> None:
 
 
 def test_lookahead_ends_on_the_average_and_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cifar_hpo import train as train_module
-    from cifar_hpo.train import lookahead_decay
+    from cifar_hpo.training import loop as train_module
+    from cifar_hpo.training.optim import lookahead_decay
 
     assert lookahead_decay(0, 100) == 0.0 and lookahead_decay(100, 100) == 1.0
     assert 0.0 < lookahead_decay(50, 100) < lookahead_decay(99, 100) < 0.95**5 + 1e-12
@@ -459,8 +461,8 @@ def test_auto_precision_uses_bf16_on_cuda_and_on_cpus_with_amx_only(monkeypatch:
 
     assert isinstance(device.cpu_has_amx.__wrapped__(), bool)  # reads /proc/cpuinfo (False where there is none)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(train_mod, "cpu_has_amx", lambda: False)
-    assert not train_mod._use_bf16(cpu, "auto") and train_mod._use_bf16(cuda, "auto")
-    assert train_mod._use_bf16(cpu, "bf16") and not train_mod._use_bf16(cpu, "fp32")
-    monkeypatch.setattr(train_mod, "cpu_has_amx", lambda: True)
-    assert train_mod._use_bf16(cpu, "auto") and not train_mod._use_bf16(cuda, "fp32")
+    monkeypatch.setattr(precision_mod, "cpu_has_amx", lambda: False)
+    assert not precision_mod.use_bf16(cpu, "auto") and precision_mod.use_bf16(cuda, "auto")
+    assert precision_mod.use_bf16(cpu, "bf16") and not precision_mod.use_bf16(cpu, "fp32")
+    monkeypatch.setattr(precision_mod, "cpu_has_amx", lambda: True)
+    assert precision_mod.use_bf16(cpu, "auto") and not precision_mod.use_bf16(cuda, "fp32")

@@ -24,6 +24,7 @@ from conftest import make_image_folder, study_toml
 from optuna.trial import TrialState
 
 from cifar_hpo import storage
+from cifar_hpo.storage import heartbeat
 
 PG = "postgresql://postgres@127.0.0.1:5432/test"
 PG_WITH_PASSWORD = "postgresql://postgres:s3cret@127.0.0.1:5432/test"  # trust auth here: any password connects
@@ -177,8 +178,8 @@ def test_a_requeued_trial_is_run_by_exactly_one_worker(tmp_path: Path, monkeypat
     # (On SQLite this needs BEGIN IMMEDIATE: without it two processes took the same retry.)
     monkeypatch.setenv("CIFAR_HPO_HEARTBEAT", "1")
     monkeypatch.setenv("CIFAR_HPO_GRACE", "1")
-    monkeypatch.setattr(storage, "HEARTBEAT_INTERVAL", 1)
-    monkeypatch.setattr(storage, "GRACE_PERIOD", 1)
+    monkeypatch.setattr(heartbeat, "HEARTBEAT_INTERVAL", 1)
+    monkeypatch.setattr(heartbeat, "GRACE_PERIOD", 1)
     url = f"sqlite:///{tmp_path}/race.db" if backend == "sqlite" else PG
     name = f"race-{uuid.uuid4().hex[:10]}"
     dead = 24

@@ -34,8 +34,10 @@ import numpy as np
 import optuna
 import torch
 
+from cifar_hpo import data
+from cifar_hpo.data.split import stratified_take
 from cifar_hpo.errors import UserError
-from cifar_hpo.pruners import EVAL_COST_PER_IMAGE
+from cifar_hpo.study.pruning import EVAL_COST_PER_IMAGE
 
 BANK_VERSION = 1
 # What each design changes in a configuration's recipe and what it measures per epoch.
@@ -75,7 +77,7 @@ def draw_configs(study_spec: Any, count: int, seed: int) -> list[dict[str, Any]]
 
     Each: ``params`` (Optuna's values), ``distributions`` (JSON) and ``trial_params``.
     """
-    from cifar_hpo.objective import suggest_params
+    from cifar_hpo.study.objective import suggest_params
 
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed), direction="maximize")
     out = []
@@ -98,15 +100,13 @@ def subset_data(ds: Any, split: Any, train_images: int, val_images: int | None, 
     import dataclasses
     import hashlib
 
-    from cifar_hpo import data
-
     if not 1 <= train_images <= len(split.train_idx):
         raise UserError(f"--train-images {train_images}: the split has {len(split.train_idx)} training images; pass 1..that")
     if val_images is not None and not 1 <= val_images <= len(split.val_idx):
         raise UserError(f"--val-images {val_images}: the split has {len(split.val_idx)} validation images; pass 1..that")
     rng = np.random.default_rng(seed)
-    train_idx = data._stratified_take(ds.train_y, split.train_idx, train_images, rng)
-    val_idx = split.val_idx if val_images is None else data._stratified_take(ds.train_y, split.val_idx, val_images, rng)
+    train_idx = stratified_take(ds.train_y, split.train_idx, train_images, rng)
+    val_idx = split.val_idx if val_images is None else stratified_take(ds.train_y, split.val_idx, val_images, rng)
     digest = hashlib.sha256(split.hash.encode())
     for idx in (train_idx, val_idx):
         digest.update(b"|" + idx.astype("<i8").tobytes())
@@ -126,7 +126,7 @@ def read_bank(path: Path) -> dict[str, Any]:
 
 
 def _write(path: Path, bank: dict[str, Any]) -> None:
-    from cifar_hpo.checkpoint import atomic_write_bytes
+    from cifar_hpo.storage.checkpoint import atomic_write_bytes
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, json.dumps(bank).encode(), mode=0o644)
@@ -136,7 +136,7 @@ def train_config(config: dict[str, Any], design: str, data: Any, epochs: int, se
     """Train one configuration under ``design``; its per-epoch curve and costs."""
     from cifar_hpo import models
     from cifar_hpo.params import TrialParams
-    from cifar_hpo.train import train
+    from cifar_hpo.training.loop import train
 
     how = DESIGNS[design]
     params = TrialParams.from_dict(config["trial_params"])
@@ -216,7 +216,7 @@ def record(
 
 
 def _specs(args: argparse.Namespace) -> tuple[Any, list[BankSpec]]:
-    from cifar_hpo.spec import load_spec
+    from cifar_hpo.study.spec import load_spec
 
     study_spec = load_spec(args.study)
     designs = [d.strip() for d in args.designs.split(",") if d.strip()]

@@ -37,10 +37,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from cifar_hpo import augment, data
+from cifar_hpo import data
 from cifar_hpo.bench import emit
 from cifar_hpo.device import resolve_device
 from cifar_hpo.errors import UserError
+from cifar_hpo.training import augment
 
 
 def main(args: argparse.Namespace) -> int:

@@ -33,14 +33,15 @@ from pathlib import Path
 import optuna
 
 from cifar_hpo.bench import emit
-from cifar_hpo.run import open_study, work
-from cifar_hpo.spec import PrunerSpec, StudySpec, load_spec
+from cifar_hpo.study.create import open_study
+from cifar_hpo.study.spec import PrunerSpec, StudySpec, load_spec
+from cifar_hpo.study.worker import work
 
 
 def run_study(spec: StudySpec, data: object, folder: Path) -> dict[str, float]:
     """Run ``spec`` to completion in a fresh database; return epochs trained (probes included) and best value."""
-    from cifar_hpo.pruners import probe_epochs
-    from cifar_hpo.train import PROBE_COOLDOWN_FRAC
+    from cifar_hpo.study.pruning import probe_epochs
+    from cifar_hpo.training.loop import PROBE_COOLDOWN_FRAC
 
     url = f"sqlite:///{folder}/{spec.name}.db"
     started = time.time()

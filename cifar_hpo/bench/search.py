@@ -32,8 +32,8 @@ import numpy as np
 import optuna
 
 from cifar_hpo.errors import UserError
-from cifar_hpo.pruners import PROBE_FROM_EPOCH, make_pruner, rung_epochs
-from cifar_hpo.train import WSD_DECAY_FRAC
+from cifar_hpo.study.pruning import PROBE_FROM_EPOCH, make_pruner, rung_epochs
+from cifar_hpo.training.optim import WSD_DECAY_FRAC
 
 
 @dataclass(frozen=True)
@@ -458,7 +458,7 @@ def with_study_costs(banks: dict[str, dict[str, Any]], spec: Any) -> None:
     measure its curves with little noise; a study evaluates its 9:1 split, where one
     pass over the validation images costs about 1/27 of an epoch, not 1/3.
     """
-    from cifar_hpo.pruners import eval_cost
+    from cifar_hpo.study.pruning import eval_cost
 
     cost = eval_cost(spec.data.val_fraction)
     for bank in banks.values():
@@ -476,7 +476,7 @@ def load_banks(paths: Sequence[Path]) -> dict[str, dict[str, Any]]:
 def main(args: argparse.Namespace) -> int:
     """Record the default banks if needed, replay the rules, print the table (and JSON for our default)."""
     from cifar_hpo.bench import curves, emit
-    from cifar_hpo.spec import load_spec
+    from cifar_hpo.study.spec import load_spec
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = load_spec(args.study)

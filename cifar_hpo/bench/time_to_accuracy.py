@@ -59,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
     from cifar_hpo import data
     from cifar_hpo.bench import emit
     from cifar_hpo.device import cpu_threads, resolve_device
-    from cifar_hpo.train import params_for
+    from cifar_hpo.models import params_for
 
     if args.seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {args.seeds}")
@@ -124,7 +124,7 @@ def _one_run(ds: Any, split: Any, params: Any, device: torch.device, epochs: int
     """One timed run: seconds until ``target`` (or the whole run), accuracy then and at the last epoch."""
     from cifar_hpo import data
     from cifar_hpo.models import build, count_params
-    from cifar_hpo.train import EpochResult, StopTraining, evaluate, train
+    from cifar_hpo.training.loop import EpochResult, StopTraining, evaluate, train
 
     t0 = time.perf_counter()
     dd = data.final_data(ds, split, device)

@@ -25,7 +25,8 @@ WARMUP_STEPS = 3  # first steps pay for allocator growth and oneDNN/cuDNN kernel
 def measure(name: str, device: torch.device, batch_size: int, steps: int, precision: str) -> float:
     """Training images/s of model ``name`` on ``device`` with synthetic batches."""
     from cifar_hpo.models import MODELS, build, default_params
-    from cifar_hpo.train import _autocast, make_optimizer, use_channels_last
+    from cifar_hpo.training.optim import make_optimizer
+    from cifar_hpo.training.precision import autocast, use_channels_last
 
     base = default_params(name, device)
     arch = {**base.arch, "upsample": 0} if "upsample" in MODELS[name].arch_keys else base.arch  # 32x32, no upsampling
@@ -43,7 +44,7 @@ def measure(name: str, device: torch.device, batch_size: int, steps: int, precis
     y = torch.randint(0, 10, (batch_size,), device=device)
 
     def step() -> None:
-        with _autocast(device, precision):
+        with autocast(device, precision):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)

@@ -25,7 +25,6 @@ tested in a process where importing torch fails).
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,8 +36,14 @@ import numpy as np
 from cifar_hpo.errors import UserError, first_line
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
 PREDICT_BATCH = 256  # images per forward pass
+
+
 ONNX_EXTRA = "pip install 'cifar-hpo[onnx]'"  # how a user gets onnx, onnxscript and onnxruntime
+
+
 ONNX_INPUT, ONNX_OUTPUT = "images", "probabilities"  # names of the ONNX graph's input and output
 
 
@@ -50,9 +55,6 @@ class Predictor:
     classes: list[str]
     input_size: tuple[int, int, int]  # (C, H, W)
     source: str  # "final.pt", "torch.export" or "onnxruntime"
-
-
-# ---------------------------------------------------------------- images
 
 
 def image_paths(items: list[Path]) -> list[Path]:
@@ -92,9 +94,6 @@ def read_image(path: Path, size: tuple[int, int]) -> np.ndarray:
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, ... for bad files
         first = first_line(e)
         raise UserError(f"{path} is not a readable image ({type(e).__name__}: {first}); remove it or pass other files") from None
-
-
-# ---------------------------------------------------------------- loading
 
 
 def onnx_session(path: Path) -> Any:
@@ -166,7 +165,7 @@ def load_checkpoint(path: Path) -> Predictor:
     """final.pt: the network rebuilt from its parameters, normalization and softmax folded in."""
     import torch
 
-    from cifar_hpo.finalmodel import deployed, load_final
+    from cifar_hpo.models.final import deployed, load_final
 
     final = load_final(path)
     module = deployed(final)
@@ -193,9 +192,6 @@ def load(path: Path) -> Predictor:
     return load_checkpoint(path)
 
 
-# ---------------------------------------------------------------- predicting
-
-
 def predict(model: Predictor, paths: list[Path], top: int) -> list[dict[str, Any]]:
     """Class, probability and the ``top`` most likely classes per image (ties: the lower class index first)."""
     top = max(1, min(top, len(model.classes)))
@@ -209,21 +205,3 @@ def predict(model: Predictor, paths: list[Path], top: int) -> list[dict[str, Any
             ranked = [{"class": model.classes[int(j)], "probability": float(probs[i, j])} for j in order[i]]
             out.append({"path": str(path), "class": ranked[0]["class"], "probability": ranked[0]["probability"], "top": ranked})
     return out
-
-
-def main(args: argparse.Namespace) -> int:
-    """``cifar-hpo predict``."""
-    if args.top < 1:
-        raise UserError(f"--top must be >= 1, got {args.top}")
-    model = load(Path(args.checkpoint))
-    rows = predict(model, image_paths(list(args.images)), args.top)
-    if args.json:
-        print(json.dumps(rows, indent=1))
-        return 0
-    width = max(len(r["path"]) for r in rows)
-    for r in rows:
-        line = f"{r['path']:<{width}}  {r['class']}  {100 * r['probability']:.1f}%"
-        if len(r["top"]) > 1:
-            line += "   (" + ", ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in r["top"]) + ")"
-        print(line)
-    return 0

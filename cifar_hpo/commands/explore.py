@@ -93,7 +93,7 @@ def draw_augmentations(images: np.ndarray, classes: tuple[str, ...], seed: int, 
     """The same images augmented at each of STRENGTHS (all ops on), one column block per strength."""
     import torch
 
-    from cifar_hpo import augment
+    from cifar_hpo.training import augment
 
     rows, cols = images.shape[:2]
     batch = torch.from_numpy(images.reshape(rows * cols, *images.shape[2:])).permute(0, 3, 1, 2).contiguous()

@@ -25,11 +25,14 @@ from typing import Any
 import optuna
 import torch
 
-from cifar_hpo import checkpoint, optuna_compat, storage
+from cifar_hpo import models, storage, training
 from cifar_hpo.device import device_name, library_versions
 from cifar_hpo.errors import UserError
 from cifar_hpo.params import TrialParams
-from cifar_hpo.spec import StudySpec, suggest_params
+from cifar_hpo.storage import checkpoint, optuna_compat
+from cifar_hpo.study import pruning
+from cifar_hpo.study.search_space import suggest_params
+from cifar_hpo.study.spec import StudySpec
 
 KEEP_BEST = 3  # a completed trial writes its checkpoint when it is among this many best so far
 
@@ -77,7 +80,6 @@ def finished_count(study: optuna.Study) -> int:
 
 def objective(trial: optuna.Trial, ctx: Context) -> float:
     """Train one trial; return its best validation accuracy."""
-    from cifar_hpo import models, pruners, train
 
     root = storage.retried_trial_number(trial)
     lineage = trial.number if root is None else root
@@ -88,7 +90,7 @@ def objective(trial: optuna.Trial, ctx: Context) -> float:
     n_done = finished_count(trial.study)
     model: torch.nn.Module | None = None
     try:
-        params = pruners.trial_params(ctx.spec, suggest_params(ctx.spec, trial))  # the fidelity may set the schedule
+        params = pruning.trial_params(ctx.spec, suggest_params(ctx.spec, trial))  # the fidelity may set the schedule
         trial.set_user_attr("trial_params", params.to_dict())
         trial.set_user_attr("seed", seed)
         trial.set_user_attr("split_hash", ctx.data.split_hash)
@@ -111,11 +113,11 @@ def objective(trial: optuna.Trial, ctx: Context) -> float:
         best: dict[str, Any] = {"acc": -1.0, "state": None, "epoch": 0}
         last_snapshot = [time.time()]
 
-        def on_epoch(result: train.EpochResult, snapshot: Callable[[], dict]) -> None:
+        def on_epoch(result: training.EpochResult, snapshot: Callable[[], dict]) -> None:
             if not math.isfinite(result.val_loss):
                 return  # train() ends this run with status "nonfinite" itself
             if result.epoch not in reported:
-                trial.report(train.rung_acc(result), result.epoch)
+                trial.report(training.rung_acc(result), result.epoch)
             if result.val_acc > best["acc"] and model is not None:
                 best.update(acc=result.val_acc, epoch=result.epoch,
                             state={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})  # fmt: skip
@@ -127,9 +129,9 @@ def objective(trial: optuna.Trial, ctx: Context) -> float:
                 raise optuna.TrialPruned(f"pruned after epoch {result.epoch} at val_acc {result.val_acc:.4f}")
 
         try:
-            history = train.train(model, ctx.data, params, epochs=ctx.spec.epochs, seed=seed, on_epoch=on_epoch, resume=resume,
-                                  probe_epochs=pruners.probe_epochs(ctx.spec), ema_horizon=pruners.ema_horizon(ctx.spec),
-                                  ema_epochs=pruners.ema_epochs(ctx.spec))
+            history = training.train(model, ctx.data, params, epochs=ctx.spec.epochs, seed=seed, on_epoch=on_epoch, resume=resume,
+                                  probe_epochs=pruning.probe_epochs(ctx.spec), ema_horizon=pruning.ema_horizon(ctx.spec),
+                                  ema_epochs=pruning.ema_epochs(ctx.spec))
         except optuna.TrialPruned:
             ctx.until_written(lambda: _record(trial, ctx, started, None, best))
             shutil.rmtree(folder, ignore_errors=True)

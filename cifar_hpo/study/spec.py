@@ -21,48 +21,28 @@ resources ``cifar_hpo/studies`` and ``cifar_hpo.search_spaces`` (see `bundled`).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import importlib
-import importlib.resources
-import importlib.util
 import json
 import re
-import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from cifar_hpo.errors import UserError
+from cifar_hpo.study.search_space import bundled, load_search_space
 
 if TYPE_CHECKING:
-    import optuna
 
-    from cifar_hpo.params import TrialParams
-
-
-def bundled(folder: str) -> Path:
-    """The bundled ``studies`` or ``search_spaces`` folder.
-
-    In a source checkout (editable install, or the checkout on ``PYTHONPATH``) these
-    are the repository's top-level folders beside the package, where people edit
-    them; installed from a wheel they are resources inside the package
-    (pyproject.toml maps them there). The checkout wins where both exist, so the
-    code that runs is the code beside it.
-    """
-    package = Path(str(importlib.resources.files("cifar_hpo")))
-    checkout = package.parent
-    if (checkout / "pyproject.toml").is_file() and (checkout / folder).is_dir():
-        return checkout / folder
-    return package / folder
+    pass
 
 
-STUDIES_DIR = bundled("studies")
-SEARCH_SPACES = "cifar_hpo.search_spaces"  # the package search_space names live in
 SAMPLERS = ("tpe", "random")
+
+
 PRUNERS = ("hyperband", "successive_halving", "rung_top_k", "median", "none")
+
+
 FIDELITIES = ("plain", "probe", "ema")  # as cifar_hpo.pruners.FIDELITIES (kept import-free here)
 
 
@@ -284,74 +264,6 @@ def _validate(spec: StudySpec, where: str) -> None:
     load_search_space(spec.search_space, where=f"{where}: search_space")
 
 
-def _search_spaces_package() -> ModuleType:
-    """Import ``cifar_hpo.search_spaces`` from `bundled` ("search_spaces"), once per process."""
-    if SEARCH_SPACES in sys.modules:
-        return sys.modules[SEARCH_SPACES]
-    folder = bundled("search_spaces")
-    spec = importlib.util.spec_from_file_location(SEARCH_SPACES, folder / "__init__.py", submodule_search_locations=[str(folder)])
-    if spec is None or spec.loader is None or not (folder / "__init__.py").is_file():
-        raise UserError(f"the bundled search spaces are missing ({folder}); reinstall cifar-hpo")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[SEARCH_SPACES] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def search_space_names() -> list[str]:
-    """The bundled search spaces (modules of `bundled` ("search_spaces") not starting with ``_``)."""
-    return sorted(p.stem for p in bundled("search_spaces").glob("*.py") if not p.stem.startswith("_"))
-
-
-def load_search_space(name: str, *, where: str = "search space") -> Any:
-    """Import ``cifar_hpo.search_spaces.<name>`` and check it has ``suggest(trial, recipe)``."""
-    valid = search_space_names()
-    if not name.isidentifier():
-        raise UserError(f"{where} {name!r} is not a module name; valid: {', '.join(valid)}")
-    _search_spaces_package()
-    try:
-        module = importlib.import_module(f"{SEARCH_SPACES}.{name}")
-    except ModuleNotFoundError as e:
-        if e.name == f"{SEARCH_SPACES}.{name}":
-            raise UserError(f"{where} {name!r} not found; valid: {', '.join(valid)}") from None
-        raise UserError(f"{where} {name!r} cannot be imported: {e}") from None
-    except Exception as e:
-        raise UserError(f"{where} {name!r} cannot be imported ({type(e).__name__}: {e}); fix search_spaces/{name}.py") from None
-    if not callable(getattr(module, "suggest", None)):
-        raise UserError(f"{where} {name!r}: search_spaces/{name}.py must define suggest(trial, recipe) -> TrialParams")
-    return module
-
-
-def default_recipe(spec: StudySpec) -> TrialParams:
-    """The study model's default recipe for the study's ``recipe`` kind (`models.default_params`).
-
-    The search space searches around it (``suggest(trial, recipe)``) and
-    ``retrain --default-params`` trains it. The study file's ``[arch]`` options
-    replace the recipe's.
-    """
-    from cifar_hpo.models import default_params
-
-    recipe = default_params(spec.model, spec.recipe)
-    return recipe.replace(arch={**recipe.arch, **spec.arch}) if spec.arch else recipe
-
-
-def suggest_params(spec: StudySpec, trial: optuna.trial.BaseTrial) -> TrialParams:
-    """Run the study's search space on ``trial`` around its default recipe; check it returned TrialParams.
-
-    Raises:
-        TypeError: ``suggest`` returned something else than TrialParams.
-        ValueError: it built another model than the study file names.
-    """
-    from cifar_hpo.params import TrialParams
-
-    params = load_search_space(spec.search_space).suggest(trial, default_recipe(spec))
-    if not isinstance(params, TrialParams):
-        raise TypeError(f"search_spaces/{spec.search_space}.py suggest() returned {type(params).__name__}, not TrialParams")
-    if params.model != spec.model:
-        raise ValueError(f"search space {spec.search_space!r} built model {params.model!r}, the study file says {spec.model!r}")
-    return params
-
-
 def resolve_path(name_or_path: str, studies_dir: Path | None = None) -> Path:
     """A study name (bundled file) or a path to a .toml file."""
     folder = studies_dir or STUDIES_DIR
@@ -391,21 +303,11 @@ def list_specs(studies_dir: Path | None = None) -> list[StudySpec]:
 
 def save_resolved(spec: StudySpec, folder: Path) -> Path:
     """Write the resolved spec beside the results (``spec.json``)."""
-    from cifar_hpo.checkpoint import atomic_write_bytes
+    from cifar_hpo.storage.checkpoint import atomic_write_bytes
 
     path = folder / "spec.json"
     atomic_write_bytes(path, (json.dumps(spec.to_dict(), indent=2) + "\n").encode(), mode=0o644)
     return path
 
 
-def main_list(args: argparse.Namespace) -> int:
-    """``cifar-hpo studies``: one line per study file (name, model, recipe kind, budget, description)."""
-    folder = args.dir or STUDIES_DIR
-    specs = list_specs(folder)
-    if not specs:
-        # An empty listing that exits 0 hid a broken install (bundled files not shipped).
-        raise UserError(f"no study files (*.toml) in {folder}; pass --dir with a folder of study files")
-    width = max(len(s.name) for s in specs)
-    for s in specs:
-        print(f"{s.name:<{width}}  {s.model:<12} {s.recipe:<3} {s.epochs:>3} epochs x {s.trials:>3} trials  {s.description}")
-    return 0
+STUDIES_DIR = bundled("studies")

@@ -41,11 +41,8 @@ folder is deleted once ``final.pt`` is written.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import shutil
 import sys
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,17 +53,19 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from cifar_hpo import checkpoint, storage
-from cifar_hpo.data import study_data
+from cifar_hpo import models, storage, training
 from cifar_hpo.device import device_name, library_versions
 from cifar_hpo.errors import UserError
-from cifar_hpo.finalmodel import FORMAT, FORMAT_VERSION, INPUT_SIZE, final_path, json_bytes, plain
+from cifar_hpo.models.final import FORMAT, FORMAT_VERSION, INPUT_SIZE, plain
 from cifar_hpo.params import TrialParams
-from cifar_hpo.spec import DataSpec, StudySpec, default_recipe, load_spec, suggest_params
+from cifar_hpo.storage import checkpoint
+from cifar_hpo.study.search_space import default_recipe, suggest_params
+from cifar_hpo.study.spec import DataSpec, StudySpec
 
 if TYPE_CHECKING:
     from cifar_hpo.data import DeviceData
-    from cifar_hpo.train import EpochResult
+    from cifar_hpo.training.loop import EpochResult
+
 
 RETRAIN_DIR = "retrain"
 
@@ -96,9 +95,6 @@ class Source:
     best_value: float | None
     study_spec: dict[str, Any] | None
     study_split_hash: str | None
-
-
-# ---------------------------------------------------------------- studies and trials
 
 
 def load_study(name: str, url: str) -> optuna.Study:
@@ -240,9 +236,6 @@ def final_spec(spec: StudySpec, source: Source, *, epochs: int | None = None, da
     return spec.with_overrides(epochs=epochs, data=data, subset=subset)
 
 
-# ---------------------------------------------------------------- one seed
-
-
 def identity(source: Source, epochs: int, data: DeviceData) -> dict[str, Any]:
     """What a partial or finished seed belongs to; a file with another identity is not reused."""
     return {
@@ -282,7 +275,6 @@ def retrain_seed(source: Source, data: DeviceData, epochs: int, seed: int, n_see
     The record (also saved as ``seed<k>.done.pt``) holds the test metrics, the
     history, timings and, for seed 0, the weights.
     """
-    from cifar_hpo import models, train
 
     ident = identity(source, epochs, data)
     done_path, partial_path = folder / f"seed{seed}.done.pt", folder / f"seed{seed}.partial.pt"
@@ -313,13 +305,13 @@ def retrain_seed(source: Source, data: DeviceData, epochs: int, seed: int, n_see
         if r.epoch < epochs:
             checkpoint.save({"identity": ident, "snapshot": snapshot()}, partial_path)
 
-    history = train.train(model, data, source.params, epochs=epochs, seed=seed, on_epoch=on_epoch, resume=resume)
+    history = training.train(model, data, source.params, epochs=epochs, seed=seed, on_epoch=on_epoch, resume=resume)
     if history.status != "ok":
         raise UserError(
             f"{tag} training stopped with status {history.status!r} after {len(history.epochs)} epochs "
             f"(non-finite loss): the recipe diverges on train+val; retrain another --trial, or fewer --epochs"
         )
-    metrics = train.evaluate(model, data.eval_x, data.eval_y, mean=data.mean, std=data.std, precision=source.params.precision)
+    metrics = training.evaluate(model, data.eval_x, data.eval_y, mean=data.mean, std=data.std, precision=source.params.precision)
     confusion = metrics.confusion.astype(np.int64)
     per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
     epochs_run = history.epochs
@@ -342,9 +334,6 @@ def retrain_seed(source: Source, data: DeviceData, epochs: int, seed: int, n_see
     partial_path.unlink(missing_ok=True)
     print(f"{tag} test acc {metrics.acc:.4f} (loss {metrics.loss:.4f}) in {history.seconds:.1f} s", flush=True)
     return record
-
-
-# ---------------------------------------------------------------- final.pt
 
 
 def build_final(source: Source, spec: StudySpec, data: DeviceData, records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -403,55 +392,5 @@ def build_final(source: Source, spec: StudySpec, data: DeviceData, records: list
     return final
 
 
-# ---------------------------------------------------------------- command
-
-
 def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-def main(args: argparse.Namespace) -> int:
-    """``cifar-hpo retrain``."""
-    if args.seeds < 1:
-        raise UserError(f"--seeds must be >= 1, got {args.seeds}")
-    spec = load_spec(args.study)
-    results: Path = args.results
-    url = storage.storage_url(args.storage, results)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    source = retrain_source(spec, url, trial=args.trial, default_params=bool(getattr(args, "default_params", False)))
-    spec = final_spec(spec, source, epochs=args.epochs, data=args.data, subset=args.subset)
-    d = spec.data
-    data = study_data(
-        d.source, subset=d.subset, val_fraction=d.val_fraction, split_seed=d.split_seed, device=getattr(args, "device", "auto"),
-        data_dir=getattr(args, "data_dir", None), cache_dir=getattr(args, "cache_dir", None), final=True,
-    )
-    if source.study_split_hash and source.study_split_hash != data.split_hash:
-        print(
-            f"note: this data split ({data.split_hash}) is not the one the study's trials saw "
-            f"({source.study_split_hash}): the trial's validation score came from other images",
-            flush=True,
-        )
-    what = "default parameters" if source.default_params else f"trial {source.trial} (val acc {source.trial_value:.4f})"
-    print(
-        f"retraining {spec.name!r} {what}: {source.params.model}, {spec.epochs} epochs x {args.seeds} seed(s) on "
-        f"{len(data.train_y):,} train+val images, testing on {len(data.eval_y):,}; device {data.device}",
-        flush=True,
-    )
-    print("params: " + ", ".join(f"{k}={v}" for k, v in source.params.to_dict().items() if k != "model"), flush=True)
-    out_dir = results / spec.name
-    folder = out_dir / RETRAIN_DIR
-    started = time.time()
-    records = [retrain_seed(source, data, spec.epochs, k, args.seeds, folder) for k in range(args.seeds)]
-    final = build_final(source, spec, data, records)
-    path = final_path(results, spec.name)
-    checkpoint.save(final, path)
-    checkpoint.atomic_write_bytes(out_dir / "final.json", json_bytes(final), mode=0o644)
-    shutil.rmtree(folder, ignore_errors=True)
-    spread = f" ± {100 * final['test_acc_std']:.2f}" if len(records) > 1 else ""
-    print(
-        f"test accuracy {100 * final['test_acc_mean']:.2f}{spread} % over {len(records)} seed(s) "
-        f"({time.time() - started:.0f} s); wrote {path} (weights of seed {final['weights_seed']}) and {out_dir / 'final.json'}",
-        flush=True,
-    )
-    return 0
-

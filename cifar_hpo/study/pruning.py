@@ -24,12 +24,20 @@ from typing import Any
 
 import optuna
 
+from cifar_hpo.training.optim import WSD_DECAY_FRAC
+
 FIDELITIES = ("plain", "probe", "ema")
+
+
 EMA_HORIZON_EPOCHS = 0.5  # the EMA fidelity averages over about this many epochs
+
+
 # Rungs before this epoch compare the plain accuracy even with the probe fidelity: after
 # one epoch most configurations are still warming up (warmup_frac up to 0.4 of the
 # trial), so a cooldown adds little there and would cost a fifth of an epoch per trial.
 PROBE_FROM_EPOCH = 2
+
+
 # Cost of one evaluation of the validation split, in training epochs, per validation
 # image per training image: a forward pass without augmentation is about a third of a
 # training step (forward + backward). Charged for the EMA evaluation, which is extra work.
@@ -117,8 +125,6 @@ def probes_at(epoch: int, epochs: int) -> bool:
     Not before `PROBE_FROM_EPOCH`, and not once the trial's own final decay has begun
     (after ``(1 - WSD_DECAY_FRAC) * epochs``): the trial is cooling down by itself there.
     """
-    from cifar_hpo.train import WSD_DECAY_FRAC
-
     return PROBE_FROM_EPOCH <= epoch <= (1 - WSD_DECAY_FRAC) * epochs
 
 
@@ -153,80 +159,3 @@ def eval_cost(val_fraction: float) -> float:
     ``val_fraction / (1 - val_fraction)`` images per training image (1/9 at the 9:1 split).
     """
     return val_fraction / (1.0 - val_fraction) * EVAL_COST_PER_IMAGE
-
-
-# ---------------------------------------------------------------- the study report (cifar-hpo report)
-
-
-def study_pruning_data(study: optuna.Study) -> dict[str, Any]:
-    """Best value vs epochs consumed, and each epoch's rank correlation with the final value.
-
-    Epochs consumed are the epochs each finished trial reported, in completion
-    order (cooldown probes are not counted here; ``bench search`` counts them).
-    The correlation uses the study's own completed trials: the accuracy they
-    reported at epoch k against their final value, so a user sees whether the
-    rungs their pruner compares rank trials as the end does.
-    """
-    from optuna.trial import TrialState
-
-    from cifar_hpo.bench.search import spearman
-
-    done = [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    done.sort(key=lambda t: (t.datetime_complete is None, t.datetime_complete or 0, t.number))
-    epochs, best, points = 0, None, []
-    for t in done:
-        epochs += len(t.intermediate_values)
-        if t.state == TrialState.COMPLETE and t.value is not None:
-            best = t.value if best is None else max(best, t.value)
-        points.append({"trial": t.number, "state": t.state.name.lower(), "epochs": epochs, "best": best,
-                       "trial_epochs": len(t.intermediate_values)})  # fmt: skip
-    complete = [t for t in done if t.state == TrialState.COMPLETE and t.value is not None and t.intermediate_values]
-    pruned_at = sorted({max(t.intermediate_values) for t in done if t.state == TrialState.PRUNED and t.intermediate_values})
-    last = max((max(t.intermediate_values) for t in complete), default=0)
-    rho = {}
-    for e in range(1, last):
-        pairs = [(t.intermediate_values[e], float(t.value or 0.0)) for t in complete if e in t.intermediate_values]
-        if len(pairs) >= 3:
-            rho[e] = spearman([a for a, _ in pairs], [b for _, b in pairs])
-    return {"study": study.study_name, "points": points, "spearman": rho, "pruned_at": pruned_at,
-            "complete": len(complete), "pruned": sum(t.state == TrialState.PRUNED for t in done)}  # fmt: skip
-
-
-def pruning_line(data: dict[str, Any]) -> str:
-    """One line a user can act on: how well the pruned-at epochs rank this study's completed trials."""
-    name, rho = data["study"], data["spearman"]
-    if data["complete"] < 3 or not rho:
-        return f"{name}: pruning: too few completed trials ({data['complete']}) to check how well early epochs rank"
-    epochs = [e for e in data["pruned_at"] if e in rho] or sorted(rho)[:3]
-    shown = ", ".join(f"epoch {e} {rho[e]:+.2f}" for e in epochs)
-    worst = min(rho[e] for e in epochs)
-    advice = ("early epochs rank trials as the end does" if worst >= 0.7 else
-              "early epochs rank trials poorly: pruning there may drop good trials; raise [pruner] min_resource "
-              "or use fidelity = \"probe\"")  # fmt: skip
-    return (f"{name}: pruning: rank correlation (Spearman) of the accuracy at the rungs with the final accuracy, "
-            f"over {data['complete']} completed trials: {shown}; {advice}")
-
-
-def draw_pruning(data: dict[str, Any], path: Any) -> Any:
-    """Best validation accuracy vs epochs consumed; pruned trials marked where they stopped."""
-    from cifar_hpo.plots import pyplot
-
-    plt = pyplot()
-
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
-    pts = [p for p in data["points"] if p["best"] is not None]
-    ax.step([p["epochs"] for p in pts], [100 * p["best"] for p in pts], where="post", color="tab:blue", label="best so far")
-    for state, marker, color in (("complete", "o", "tab:blue"), ("pruned", "x", "tab:red")):
-        sel = [p for p in pts if p["state"] == state]
-        ax.plot([p["epochs"] for p in sel], [100 * p["best"] for p in sel], marker, color=color, ls="none",
-                label=f"{state} trial ({data[state]})")  # fmt: skip
-    ax.set_xlabel("epochs consumed (all trials)")
-    ax.set_ylabel("best validation accuracy (%)")
-    ax.set_title(f"{data['study']}: best found vs epochs")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path

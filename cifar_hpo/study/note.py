@@ -17,7 +17,8 @@ from typing import Any
 
 import optuna
 
-from cifar_hpo.spec import StudySpec, default_recipe, load_search_space
+from cifar_hpo.study.search_space import default_recipe, load_search_space
+from cifar_hpo.study.spec import StudySpec
 
 METRIC = "val_acc"  # what each trial returns and reports per epoch: accuracy on the validation split (0..1)
 MAX_PASSES = 8  # a search space is replayed once per choice of its widest categorical, up to this many times

@@ -1,6 +1,6 @@
 """The final model's file format: what ``final.pt`` holds, how it is checked and loaded.
 
-    from cifar_hpo.finalmodel import build_model, load_final
+    from cifar_hpo.models.final import build_model, load_final
     model = build_model(load_final(Path("results/fast/final.pt")))   # eval mode, CPU
 
 ``cifar-hpo retrain`` writes the file (`cifar_hpo.retrain`); export, predict and
@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from cifar_hpo import checkpoint
 from cifar_hpo.errors import UserError
 from cifar_hpo.params import TrialParams
+from cifar_hpo.storage import checkpoint
 
 FORMAT = "cifar-hpo-final"
 FORMAT_VERSION = 1

@@ -12,47 +12,58 @@ computes accuracy, loss, predictions and a confusion matrix.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import copy
 import dataclasses
-import math
-import resource
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifar_hpo.device import cpu_has_amx, cpu_threads
+from cifar_hpo.device import cpu_threads
 from cifar_hpo.errors import UserError
+from cifar_hpo.models import count_params
 from cifar_hpo.params import TrialParams
+from cifar_hpo.training import augment
+from cifar_hpo.training.evaluation import evaluate, evaluate_with, single_pass_unless
+from cifar_hpo.training.optim import (
+    LOOKAHEAD_IMAGES,
+    lookahead_decay,
+    lookahead_step,
+    lr_factor,
+    make_optimizer,
+    set_lr,
+    update_ema,
+)
+from cifar_hpo.training.precision import autocast, peak_mem_mb, sync, use_channels_last
 
 if TYPE_CHECKING:
     from cifar_hpo.data import DeviceData
 
-__all__ = [
-    "EpochResult", "History", "Metrics", "StopTraining", "train", "evaluate", "make_optimizer", "lr_factor", "rung_acc",
-]
+
+__all__ = ["EpochResult", "History", "StopTraining", "train", "rung_acc"]
+
 
 # On CUDA the loss is checked for non-finite values every this many steps (and at
 # every epoch end): a per-step check would synchronise the GPU each step. On a CPU
 # the check is free and runs every step.
 CUDA_FINITE_CHECK_EVERY = 25
+
+
 # Images used to initialise data-dependent first layers (fast_cnn's whitening).
 DATA_INIT_IMAGES = 5000
-# "wsd" (warmup-stable-decay): the share of all steps spent decaying to 0 at the end.
-WSD_DECAY_FRAC = 0.2
+
+
+
+
 # A probe (cooldown branch) at epoch k decays from the current lr to 0 over this share
 # of the steps trained so far: a complete short WSD schedule of about k * 1.2 epochs.
 PROBE_COOLDOWN_FRAC = 0.2
-# Lookahead (TrialParams.lookahead) averages every this many training images: airbench94's
-# every 5 steps of 1,024 images, kept per image so that other batch sizes average alike.
-LOOKAHEAD_IMAGES = 5 * 1024
+
+
 
 
 class StopTraining(Exception):
@@ -110,126 +121,24 @@ class History:
         }
 
 
-@dataclass(frozen=True)
-class Metrics:
-    """Evaluation of a model on one set of images."""
-
-    acc: float
-    loss: float  # mean cross-entropy (no label smoothing)
-    predictions: np.ndarray  # int64 (N,)
-    confusion: np.ndarray  # int64 (C, C), rows = true class, columns = predicted
 
 
-# ---------------------------------------------------------------- pieces
 
 
-def _use_bf16(device: torch.device, precision: str) -> bool:
-    """bf16 autocast: asked for, or "auto" on CUDA and on CPUs with AMX (`device.cpu_has_amx`)."""
-    return precision == "bf16" or (precision == "auto" and (device.type == "cuda" or (device.type == "cpu" and cpu_has_amx())))
 
 
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    if _use_bf16(device, precision):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
-def use_channels_last(model: nn.Module) -> bool:
-    """Whether to train ``model`` in channels_last (NHWC) memory format: when it has convolutions.
-
-    On CUDA tensor cores want NHWC; on this project's 2-core CPU oneDNN's
-    convolutions ran faster in NHWC too (fast_cnn fp32 2,200 -> 3,100 img/s,
-    bf16 3,300 -> 4,800; baseline_cnn fp32 13,800 -> 16,700). A dense network
-    gains nothing.
-    """
-    return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
-def make_optimizer(model: nn.Module, params: TrialParams) -> torch.optim.Optimizer:
-    """The optimizer of ``params`` over the parameters with ``requires_grad``.
-
-    Weight decay applies to weight matrices and conv kernels only; biases and
-    normalization parameters (1-D tensors) are not decayed. Normalization
-    parameters learn at ``params.norm_lr_scale`` times the lr: each group's
-    ``lr_scale`` multiplies the scheduled lr (`set_lr`).
-    """
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
-        raise UserError(f"model {params.model} has no trainable parameters; raise finetune_depth or check the model")
-    norm_ids = {
-        id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase | nn.GroupNorm | nn.LayerNorm)
-        for p in m.parameters(recurse=False)
-    }  # fmt: skip
-    groups = [
-        {"params": [p for p in trainable if p.ndim > 1], "weight_decay": params.weight_decay, "lr_scale": 1.0},
-        {"params": [p for p in trainable if p.ndim <= 1 and id(p) not in norm_ids], "weight_decay": 0.0, "lr_scale": 1.0},
-        {"params": [p for p in trainable if p.ndim <= 1 and id(p) in norm_ids], "weight_decay": 0.0,
-         "lr_scale": params.norm_lr_scale},
-    ]  # fmt: skip
-    groups = [g for g in groups if g["params"]]
-    if params.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=params.lr, momentum=params.momentum, nesterov=params.momentum > 0)
-    cls = torch.optim.AdamW if params.optimizer == "adamw" else torch.optim.Adam
-    return cls(groups, lr=params.lr, betas=(params.momentum, 0.999))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set every group's lr to ``lr`` times its ``lr_scale`` (`make_optimizer`)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-def lookahead_decay(step: int, total_steps: int) -> float:
-    """How strongly `_lookahead` pulls the weights back to their average after ``step`` steps.
-
-    airbench94's schedule: 0.95**5 * (progress)**3, so early training runs free and
-    the last steps are averaged; the run's last step ends on the average (1.0).
-    """
-    if step >= total_steps:
-        return 1.0
-    return 0.95**5 * (step / total_steps) ** 3
 
 
-def _lookahead(avg: dict[str, torch.Tensor] | None, model: nn.Module, decay: float) -> dict[str, torch.Tensor]:
-    """avg <- decay * avg + (1 - decay) * weights (`_update_ema`), then weights <- avg."""
-    avg = _update_ema(avg, model, decay)
-    model.load_state_dict(avg)
-    return avg
 
 
-def lr_factor(schedule: str, step: int, total_steps: int, warmup_frac: float) -> float:
-    """Multiplier of the peak lr at 0-based ``step`` of ``total_steps``.
-
-    All schedules warm up linearly over ``warmup_frac`` of the steps (from
-    1/warmup_steps, never 0). Then: "constant" stays at 1; "cosine" decays
-    along a half cosine; "onecycle" decays linearly (the triangular one-cycle
-    schedule of the fast CIFAR-10 recipes); "wsd" stays at 1 and decays
-    linearly over the last `WSD_DECAY_FRAC` of the steps (its stable phase does
-    not depend on the run's length, so an early epoch is trained as it would be
-    in a shorter run: the rung fidelity of `probe_epochs`). All decays reach 0
-    just after the last step, so no step is wasted at lr 0.
-    """
-    warmup = int(round(warmup_frac * total_steps))
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    if schedule == "wsd":
-        decay = max(1, int(round(WSD_DECAY_FRAC * total_steps)))
-        start = max(warmup, total_steps - decay)
-        return 1.0 if step < start else max(0.0, 1.0 - (step - start) / max(1, total_steps - start))
-    # [0, 1) through the decay: the first decay step runs at the peak, the last one
-    # still at a small positive lr (a step at lr 0 would be wasted).
-    t = min((step - warmup) / max(1, total_steps - warmup), 1.0)
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * t))
-    return 1.0 - t
-
-
-def _peak_mem_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -243,9 +152,6 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def rung_acc(result: EpochResult) -> float:
@@ -255,48 +161,10 @@ def rung_acc(result: EpochResult) -> float:
     return result.ema_acc if result.ema_acc is not None else result.val_acc
 
 
-def _update_ema(ema: dict[str, torch.Tensor] | None, model: nn.Module, decay: float) -> dict[str, torch.Tensor]:
-    """EMA of every floating tensor of the state (BatchNorm statistics included); other tensors copied."""
-    with torch.no_grad():
-        state = model.state_dict()
-        if ema is None:
-            return {k: v.detach().clone() for k, v in state.items()}
-        for k, v in state.items():
-            if v.is_floating_point():
-                ema[k].mul_(decay).add_(v.detach(), alpha=1.0 - decay)
-            else:
-                ema[k].copy_(v)
-    return ema
 
 
-@contextlib.contextmanager
-def _single_pass_unless(model: nn.Module, last: bool) -> Iterator[None]:
-    """Evaluate with one pass, not the model's test-time augmentation, unless ``last``.
-
-    A model with a ``tta`` level (fast_cnn) averages up to 6 passes per image in
-    eval mode; the run's epochs before its last are evaluated once per image
-    (they rank and prune trials, where TTA changes little and would cost several
-    times the evaluation), the last epoch with the model's own level.
-    """
-    level = getattr(model, "tta", None)
-    if last or not level:
-        yield
-        return
-    model.tta = 0  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        model.tta = level  # type: ignore[assignment]
 
 
-def _evaluate_with(model: nn.Module, state: dict[str, torch.Tensor], data: DeviceData, precision: str) -> float:
-    """Validation accuracy of ``model`` with ``state`` loaded; the model's own weights are restored after."""
-    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    try:
-        model.load_state_dict(state)
-        return evaluate(model, data.eval_x, data.eval_y, mean=data.mean, std=data.std, precision=precision).acc
-    finally:
-        model.load_state_dict(saved)
 
 
 def _probe(
@@ -316,7 +184,6 @@ def _probe(
     Weights, optimizer state and the global random state are restored after, and the
     branch draws its batches from its own generator: the run continues as if no probe ran.
     """
-    from cifar_hpo import augment
 
     device = data.device
     saved_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -335,7 +202,7 @@ def _probe(
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 set_lr(optimizer, lr * (1.0 - done / steps))
-                with _autocast(device, params.precision):
+                with autocast(device, params.precision):
                     logits = model(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=params.label_smoothing)
                 if not torch.isfinite(loss):
@@ -351,60 +218,6 @@ def _probe(
         torch.set_rng_state(saved_rng)
 
 
-# ---------------------------------------------------------------- evaluate
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    mean: tuple[float, float, float],
-    std: tuple[float, float, float],
-    batch_size: int = 1024,
-    precision: str = "fp32",
-) -> Metrics:
-    """Accuracy, mean loss, predictions and confusion matrix of ``model`` on (x, y).
-
-    Args:
-        model: any registry model; put in eval mode for the call, its mode restored after.
-        x: uint8 (N, 3, H, W) images on the model's device; y: int64 (N,) labels.
-        mean, std: per-channel normalization in [0, 1] units (the training data's).
-        batch_size: images per forward pass.
-        precision: "fp32", "bf16" or "auto" (bf16 on CUDA), as in `TrialParams.precision`.
-    """
-    from cifar_hpo import augment
-
-    was_training = model.training
-    model.eval()
-    channels_last = use_channels_last(model)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
-    preds: list[torch.Tensor] = []
-    num_classes = 0
-    try:
-        for xb, yb in augment.eval_batches(x, y, batch_size, mean, std):
-            if channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            with _autocast(xb.device, precision):
-                logits = model(xb)
-            logits = logits.float()
-            num_classes = logits.shape[1]
-            loss_sum += F.cross_entropy(logits, yb, reduction="sum")
-            preds.append(logits.argmax(1))
-    finally:
-        model.train(was_training)
-    n = len(y)
-    if n == 0:
-        return Metrics(float("nan"), float("nan"), np.zeros(0, np.int64), np.zeros((0, 0), np.int64))
-    p = torch.cat(preds).cpu().numpy().astype(np.int64)
-    t = y.cpu().numpy().astype(np.int64)
-    c = max(num_classes, int(t.max()) + 1)
-    confusion = np.bincount(t * c + p, minlength=c * c).reshape(c, c).astype(np.int64)
-    return Metrics(acc=float((p == t).mean()), loss=float(loss_sum.item()) / n, predictions=p, confusion=confusion)
-
-
-# ---------------------------------------------------------------- train
 
 
 def train(
@@ -460,8 +273,6 @@ def train(
         The `History`; status "nonfinite" when a non-finite loss stopped the run
         (the partial epoch is not recorded).
     """
-    from cifar_hpo import augment
-    from cifar_hpo.models import count_params
 
     device = data.device
     if device.type == "cpu":
@@ -546,7 +357,7 @@ def train(
                 x = x.contiguous(memory_format=torch.channels_last)
             lr = params.lr * lr_factor(params.schedule, step, total_steps, params.warmup_frac)
             set_lr(optimizer, lr)
-            with _autocast(device, params.precision):
+            with autocast(device, params.precision):
                 logits = forward(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=params.label_smoothing)
             if check_every == 1 and not torch.isfinite(loss):
@@ -557,9 +368,9 @@ def train(
             optimizer.step()
             step += 1
             if params.lookahead and (step % lookahead_every == 0 or step == total_steps):
-                average = _lookahead(average, model, lookahead_decay(step, total_steps))
+                average = lookahead_step(average, model, lookahead_decay(step, total_steps))
             if ema_horizon is not None:
-                ema = _update_ema(ema, model, min(ema_decay, (1 + step) / (10 + step)))
+                ema = update_ema(ema, model, min(ema_decay, (1 + step) / (10 + step)))
             loss_sum += loss.detach() * len(y)
             correct += (logits.detach().argmax(1) == y).sum()
             seen += len(y)
@@ -569,10 +380,10 @@ def train(
         if not finite or not torch.isfinite(loss_sum):
             history.status = "nonfinite"
             break
-        _sync(device)
+        sync(device)
         train_seconds = time.perf_counter() - t0
         probe_acc, probe_steps, ema_acc = None, 0, None
-        with _single_pass_unless(model, epoch == epochs):
+        with single_pass_unless(model, epoch == epochs):
             # The eager model: a compiled one would recompile for eval mode and the ragged last batch.
             metrics = evaluate(model, data.eval_x, data.eval_y, mean=data.mean, std=data.std, precision=params.precision)
             if epoch in probe_epochs and epoch < epochs:
@@ -580,7 +391,7 @@ def train(
                 probe_acc = _probe(model, optimizer, data, params, lr=lr, steps=probe_steps, seed=seed * 1009 + epoch,
                                    drop_last=drop_last, channels_last=channels_last)  # fmt: skip
             if ema is not None and (ema_epochs is None or epoch in ema_epochs):
-                ema_acc = _evaluate_with(model, ema, data, params.precision)
+                ema_acc = evaluate_with(model, ema, data, params.precision)
         result = EpochResult(
             epoch=epoch,
             train_loss=float(loss_sum.item()) / max(1, seen),
@@ -590,7 +401,7 @@ def train(
             lr=lr,
             seconds=time.perf_counter() - t0,
             images_per_s=seen / max(train_seconds, 1e-9),
-            peak_mem_mb=_peak_mem_mb(device),
+            peak_mem_mb=peak_mem_mb(device),
             probe_acc=probe_acc,
             probe_steps=probe_steps,
             ema_acc=ema_acc,
@@ -629,86 +440,3 @@ def train(
                 break
     history.seconds = seconds_before + time.perf_counter() - t_start
     return history
-
-
-# ---------------------------------------------------------------- cifar-hpo train
-
-
-def params_for(model_name: str, overrides: list[str], device: torch.device | str | None = None) -> TrialParams:
-    """`models.default_params` of ``model_name`` with ``--set key=value`` overrides.
-
-    ``arch.*`` overrides are merged into the default arch dict, not replacing it.
-    """
-    from cifar_hpo.models import default_params
-    from cifar_hpo.params import parse_overrides
-
-    base = default_params(model_name, device)
-    changes = parse_overrides(overrides)
-    changes.pop("model", None)
-    names = [f.name for f in dataclasses.fields(base) if f.name != "model"]
-    for key, value in changes.items():
-        if key not in names:
-            raise UserError(f"--set {key}=...: unknown TrialParams field; valid: {', '.join(names)} (and arch.KEY)")
-        current = getattr(base, key)
-        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-            changes[key] = value = float(value)
-        if not isinstance(value, type(current)) or isinstance(value, bool) != isinstance(current, bool):
-            if key == "arch":
-                raise UserError(f"--set arch={value}: set one key of arch at a time, e.g. --set arch.width=64")
-            raise UserError(f"--set {key}={value}: must be {type(current).__name__}, like the default {key}={current}")
-    if "arch" in changes:
-        changes["arch"] = {**base.arch, **changes["arch"]}
-    return base.replace(**changes)
-
-
-def main(args: argparse.Namespace) -> int:
-    """``cifar-hpo train``: train one model outside any study, print one line per epoch."""
-    from cifar_hpo import checkpoint, data
-    from cifar_hpo.device import resolve_device
-    from cifar_hpo.models import build
-
-    if args.epochs < 1:
-        raise UserError(f"--epochs must be >= 1, got {args.epochs}")
-    if args.subset is not None and args.subset < 20:
-        raise UserError(f"--subset must be >= 20 images, got {args.subset}")
-    if not 0.0 < args.val_fraction < 1.0:
-        raise UserError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
-    device = resolve_device(args.device)
-    params = params_for(args.model, args.set, device)
-    ds = data.load_dataset(args.data, data_dir=args.data_dir, cache_dir=args.cache_dir)
-    split = data.split_dataset(ds, val_fraction=args.val_fraction, subset=args.subset)
-    dd = data.trial_data(ds, split, device)
-    torch.manual_seed(args.seed)
-    model = build(params, dd.num_classes)
-    print(
-        f"{params.model}: {sum(p.numel() for p in model.parameters()):,} parameters on {device}; "
-        f"{len(dd.train_y):,} train / {len(dd.eval_y):,} {dd.eval_name} images (split {split.hash})"
-    )
-    print("params: " + ", ".join(f"{k}={v}" for k, v in params.to_dict().items() if k != "model"))
-    print(f"{'epoch':>5}  {'loss':>7}  {'train':>6}  {dd.eval_name + '_acc':>7}  {'lr':>8}  {'img/s':>7}  {'s':>6}")
-
-    def show(r: EpochResult, _snapshot: Callable[[], dict[str, Any]]) -> None:
-        print(
-            f"{r.epoch:>5}  {r.train_loss:>7.4f}  {r.train_acc:>6.3f}  {r.val_acc:>7.4f}  {r.lr:>8.2e}  "
-            f"{r.images_per_s:>7.0f}  {r.seconds:>6.1f}",
-            flush=True,
-        )
-
-    history = train(model, dd, params, epochs=args.epochs, seed=args.seed, on_epoch=show)
-    print(f"status {history.status}; best {dd.eval_name} acc {history.best_val_acc:.4f}; {history.seconds:.1f} s")
-    if args.save is not None:
-        checkpoint.save(
-            {
-                "model_state": _to_cpu(model.state_dict()),
-                "params": params.to_dict(),
-                "classes": list(dd.classes),
-                "mean": list(dd.mean),
-                "std": list(dd.std),
-                "split_hash": dd.split_hash,
-                "seed": args.seed,
-                "history": history.to_dict(),
-            },
-            args.save,
-        )
-        print(f"saved {args.save}")
-    return 0 if history.status == "ok" else 1

@@ -1,0 +1,210 @@
+"""Heartbeats and retries: a trial whose worker died is failed as stale and re-queued exactly once."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import optuna
+import sqlalchemy.event
+import sqlalchemy.exc
+from optuna.trial import TrialState
+
+from cifar_hpo.storage import optuna_compat
+from cifar_hpo.storage.connection import lost_connection, quiet_experimental
+
+# Seconds between heartbeats, and silence after which a RUNNING trial is stale.
+HEARTBEAT_INTERVAL = int(os.environ.get("CIFAR_HPO_HEARTBEAT", "20"))
+
+
+GRACE_PERIOD = int(os.environ.get("CIFAR_HPO_GRACE", str(3 * HEARTBEAT_INTERVAL)))
+
+
+MAX_RETRY = 2  # a trial killed more often than this stays FAIL
+
+
+# Seconds after which a RUNNING trial that never got a single heartbeat is failed as stale: its worker
+# died between taking it and its first heartbeat. Long, because trial start times come from the
+# workers' clocks, which may disagree between machines (heartbeats use the database server's).
+ORPHAN_S = float(os.environ.get("CIFAR_HPO_ORPHAN_S", str(max(600, 10 * GRACE_PERIOD))))
+
+
+# How long the worker that failed a stale trial keeps trying to add its retry through a database
+# outage (the same limit as a worker waiting for a lost database), and the pause between tries.
+REQUEUE_S = float(os.environ.get("CIFAR_HPO_RECONNECT_S", "600"))
+
+
+REQUEUE_PAUSE_S = 2.0
+
+
+def retry_callback(max_retry: int | None = MAX_RETRY) -> Any:
+    with quiet_experimental():
+        return optuna_compat.retry_callback_class()(max_retry=max_retry, inherit_intermediate_values=True)
+
+
+def retried_trial_number(trial: optuna.Trial) -> int | None:
+    """Number of the original trial that ``trial`` retries (after a kill or an interrupt), or None."""
+    # The retry callback records the lineage's first trial under this system attribute.
+    value = trial.storage.get_trial_system_attrs(optuna_compat.trial_id(trial)).get("failed_trial")
+    return None if value is None else int(value)
+
+
+def earlier_retry(study: optuna.Study, trial: optuna.Trial) -> int | None:
+    """Number of an earlier retry of the trial that ``trial`` retries (then ``trial`` is a duplicate), or None."""
+    history = trial.storage.get_trial_system_attrs(optuna_compat.trial_id(trial)).get("retry_history") or []
+    if not history:
+        return None
+    for t in study.get_trials(deepcopy=False):
+        if t.number < trial.number and (t.system_attrs.get("retry_history") or [None])[-1] == history[-1]:
+            return t.number
+    return None
+
+
+def requeue_interrupted(study: optuna.Study, trial_number: int) -> None:
+    """Re-queue an interrupted trial (same params, its intermediate values), as Optuna does for a stale one.
+
+    The interrupted trial itself is always re-queued; but it joins the retry history, so a
+    lineage interrupted twice and then killed once has used up ``MAX_RETRY`` and is not retried again.
+    """
+    frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial_number)
+    with quiet_experimental():
+        retry_callback(max_retry=None)(study, frozen)
+
+
+class HeartbeatStorage(optuna.storages.RDBStorage):
+    """RDBStorage whose trials have a heartbeat from the moment they are RUNNING, and keep it.
+
+    Optuna records a trial's first heartbeat only when its heartbeat thread starts, after the
+    sampler has run, and never counts a RUNNING trial without one as stale. A worker killed in
+    between (measured: 2 of 25 random kills) left a trial RUNNING for ever, and the study waited on
+    it for ever. Here the first heartbeat follows the trial's creation (or its hand-out, for a
+    re-queued one) at once, so the trial is failed and retried like any other; a trial that still
+    got none (the database was down at that moment) is failed after ``ORPHAN_S``. And a database
+    restart no longer kills the heartbeat thread of a trial that goes on training.
+    """
+
+    # The two private hooks of optuna_compat (CREATE_TRIAL_HOOK, STALE_TRIALS_HOOK); tests/test_optuna_compat.py
+    # fails loudly when Optuna stops calling them.
+    def _create_new_trial(self, study_id: int, template_trial: optuna.trial.FrozenTrial | None = None) -> optuna.trial.FrozenTrial:
+        # The private method: Optuna's cache layer (used by every Study) calls it, not create_new_trial.
+        frozen = super()._create_new_trial(study_id, template_trial)
+        if self.heartbeat_interval is not None and frozen.state == TrialState.RUNNING:
+            self.record_heartbeat(optuna_compat.trial_id(frozen))
+        return frozen
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        stale = super()._get_stale_trial_ids(study_id)
+        # Optuna skips RUNNING trials without any heartbeat; they would block the study for ever.
+        cutoff = datetime.now(UTC) - timedelta(seconds=ORPHAN_S)
+        running = {
+            optuna_compat.trial_id(t): t.datetime_start
+            for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        }
+        beating = _with_heartbeat(self.engine, [tid for tid in running if tid not in stale])
+        # datetime_start: naive local time up to Optuna 4.x, aware UTC from 5.0; astimezone reads both.
+        orphans = [tid for tid, start in running.items()
+                   if tid not in stale and tid not in beating and start is not None and start.astimezone(UTC) < cutoff]  # fmt: skip
+        marked = []
+        for tid in stale + orphans:
+            # Said before Optuna fails it (a finished trial's attributes cannot change), so that the FAIL
+            # has a reason in `status` and the dashboard instead of an empty one.
+            why = (f"stale: no heartbeat for {GRACE_PERIOD}s (its worker was killed, or lost the database); retried"
+                   if tid in stale else f"stale: no heartbeat at all in {ORPHAN_S:g}s since it started; retried")  # fmt: skip
+            try:
+                self.set_trial_user_attr(tid, "fail_reason", why)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # finished meanwhile: not stale after all
+            marked.append(tid)
+        for tid in marked:
+            self._fail_and_requeue(study_id, tid)
+        self._requeue_unretried(study_id, datetime.now(UTC) - timedelta(seconds=GRACE_PERIOD))
+        # Optuna's fail_stale_trials would fail them all first and re-queue them afterwards, reading each
+        # one again in between: a database outage after the FAILs lost every retry not yet written.
+        return []
+
+    def _requeue_unretried(self, study_id: int, cutoff: datetime) -> None:
+        """Re-queue trials failed as stale at least ``GRACE_PERIOD`` ago that still have no retry.
+
+        The worker that failed one was killed before it could add the retry (a few milliseconds, but
+        ``bench faults`` kills workers right when they fail their killed peers' trials: seen under
+        load). Two workers may both do it, or one whose clock is ahead may do it while the owner is
+        still writing: the later retry then stands down when taken (``earlier_retry``), so an early
+        re-queue costs nothing but a surplus row.
+        """
+        callback = optuna_compat.stale_trial_callback(self)
+        if callback is None:
+            return
+        trials = self.get_all_trials(study_id, deepcopy=False)
+        retried = {(t.system_attrs.get("retry_history") or [None])[-1] for t in trials}
+        for t in trials:
+            if (t.state == TrialState.FAIL and t.number not in retried
+                    and str(t.user_attrs.get("fail_reason", "")).startswith("stale")
+                    and len(t.system_attrs.get("retry_history") or []) + 1 <= MAX_RETRY
+                    and t.datetime_complete is not None and t.datetime_complete.astimezone(UTC) < cutoff):  # fmt: skip
+                callback(optuna.load_study(study_name=self.get_study_name_from_id(study_id), storage=self), t)
+
+    def _fail_and_requeue(self, study_id: int, trial_id: int) -> None:
+        """Fail stale trial ``trial_id`` and, if this process failed it, re-queue it at once.
+
+        Marking FAIL and adding the retry are two writes. Failing first makes exactly one worker
+        the owner of the retry (the FAIL is the claim); a database outage between the two no longer
+        loses the trial, because the owner keeps trying to add the retry until the database is back
+        (``REQUEUE_S``), checking first whether an earlier try was written after all.
+        """
+        try:
+            if not self.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                return
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return  # another process failed it (and re-queues it), or it finished meanwhile
+        callback = optuna_compat.stale_trial_callback(self)
+        if callback is None:
+            return
+        deadline: float | None = None
+        while True:
+            try:
+                failed = self.get_trial(trial_id)
+                if deadline is None or not _has_retry(self, study_id, failed.number):
+                    study = optuna.load_study(study_name=self.get_study_name_from_id(study_id), storage=self)
+                    callback(study, failed)
+                return
+            except Exception as e:
+                if not lost_connection(e):
+                    raise
+                if deadline is None:
+                    deadline = time.time() + REQUEUE_S
+                elif time.time() > deadline:
+                    raise
+            time.sleep(REQUEUE_PAUSE_S)
+            self.engine.dispose()  # pooled connections are dead after a server restart
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            super().record_heartbeat(trial_id)
+        except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.DBAPIError):
+            # The database is restarting or out of reach. Optuna's heartbeat thread would die here and
+            # the trial, still training, would be failed as stale later; keep beating when it is back.
+            pass
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
+        taken = super().set_trial_state_values(trial_id, state, values)
+        if taken and state == TrialState.RUNNING and self.heartbeat_interval is not None:
+            self.record_heartbeat(trial_id)
+        return taken
+
+
+def _has_retry(st: optuna.storages.RDBStorage, study_id: int, number: int) -> bool:
+    """Whether the study holds a retry of trial ``number`` (a trial whose retry history ends with it)."""
+    return any((t.system_attrs.get("retry_history") or [None])[-1] == number for t in st.get_all_trials(study_id, deepcopy=False))
+
+
+def _with_heartbeat(engine: sqlalchemy.engine.Engine, trial_ids: list[int]) -> set[int]:
+    """Those of ``trial_ids`` that ever sent a heartbeat (a row in Optuna's heartbeat table)."""
+    if not trial_ids:
+        return set()
+    query = sqlalchemy.text(f"SELECT trial_id FROM {optuna_compat.HEARTBEAT_TABLE} WHERE trial_id IN :ids").bindparams(
+        sqlalchemy.bindparam("ids", expanding=True)
+    )
+    with engine.connect() as con:
+        return {int(row[0]) for row in con.execute(query, {"ids": trial_ids})}

@@ -1,0 +1,112 @@
+"""Search spaces: the bundled ``search_spaces/`` modules, loaded by name, run around the model's recipe.
+
+    from cifar_hpo.study.search_space import suggest_params
+    params = suggest_params(spec, trial)     # search_spaces/<spec.search_space>.py: suggest(trial, recipe)
+
+A search space module defines ``suggest(trial, recipe) -> TrialParams`` and only calls
+``trial.suggest_*``, so the best trial replays exactly through ``optuna.trial.FixedTrial``.
+``recipe`` is the study model's default recipe (`default_recipe`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.resources
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from cifar_hpo.errors import UserError
+from cifar_hpo.params import TrialParams
+
+if TYPE_CHECKING:
+    import optuna
+
+    from cifar_hpo.study.spec import StudySpec
+
+
+def bundled(folder: str) -> Path:
+    """The bundled ``studies`` or ``search_spaces`` folder.
+
+    In a source checkout (editable install, or the checkout on ``PYTHONPATH``) these
+    are the repository's top-level folders beside the package, where people edit
+    them; installed from a wheel they are resources inside the package
+    (pyproject.toml maps them there). The checkout wins where both exist, so the
+    code that runs is the code beside it.
+    """
+    package = Path(str(importlib.resources.files("cifar_hpo")))
+    checkout = package.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / folder).is_dir():
+        return checkout / folder
+    return package / folder
+
+
+SEARCH_SPACES = "cifar_hpo.search_spaces"  # the package search_space names live in
+
+
+def _search_spaces_package() -> ModuleType:
+    """Import ``cifar_hpo.search_spaces`` from `bundled` ("search_spaces"), once per process."""
+    if SEARCH_SPACES in sys.modules:
+        return sys.modules[SEARCH_SPACES]
+    folder = bundled("search_spaces")
+    spec = importlib.util.spec_from_file_location(SEARCH_SPACES, folder / "__init__.py", submodule_search_locations=[str(folder)])
+    if spec is None or spec.loader is None or not (folder / "__init__.py").is_file():
+        raise UserError(f"the bundled search spaces are missing ({folder}); reinstall cifar-hpo")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[SEARCH_SPACES] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def search_space_names() -> list[str]:
+    """The bundled search spaces (modules of `bundled` ("search_spaces") not starting with ``_``)."""
+    return sorted(p.stem for p in bundled("search_spaces").glob("*.py") if not p.stem.startswith("_"))
+
+
+def load_search_space(name: str, *, where: str = "search space") -> Any:
+    """Import ``cifar_hpo.search_spaces.<name>`` and check it has ``suggest(trial, recipe)``."""
+    valid = search_space_names()
+    if not name.isidentifier():
+        raise UserError(f"{where} {name!r} is not a module name; valid: {', '.join(valid)}")
+    _search_spaces_package()
+    try:
+        module = importlib.import_module(f"{SEARCH_SPACES}.{name}")
+    except ModuleNotFoundError as e:
+        if e.name == f"{SEARCH_SPACES}.{name}":
+            raise UserError(f"{where} {name!r} not found; valid: {', '.join(valid)}") from None
+        raise UserError(f"{where} {name!r} cannot be imported: {e}") from None
+    except Exception as e:
+        raise UserError(f"{where} {name!r} cannot be imported ({type(e).__name__}: {e}); fix search_spaces/{name}.py") from None
+    if not callable(getattr(module, "suggest", None)):
+        raise UserError(f"{where} {name!r}: search_spaces/{name}.py must define suggest(trial, recipe) -> TrialParams")
+    return module
+
+
+def default_recipe(spec: StudySpec) -> TrialParams:
+    """The study model's default recipe for the study's ``recipe`` kind (`models.default_params`).
+
+    The search space searches around it (``suggest(trial, recipe)``) and
+    ``retrain --default-params`` trains it. The study file's ``[arch]`` options
+    replace the recipe's.
+    """
+    from cifar_hpo.models import default_params
+
+    recipe = default_params(spec.model, spec.recipe)
+    return recipe.replace(arch={**recipe.arch, **spec.arch}) if spec.arch else recipe
+
+
+def suggest_params(spec: StudySpec, trial: optuna.trial.BaseTrial) -> TrialParams:
+    """Run the study's search space on ``trial`` around its default recipe; check it returned TrialParams.
+
+    Raises:
+        TypeError: ``suggest`` returned something else than TrialParams.
+        ValueError: it built another model than the study file names.
+    """
+    params = load_search_space(spec.search_space).suggest(trial, default_recipe(spec))
+    if not isinstance(params, TrialParams):
+        raise TypeError(f"search_spaces/{spec.search_space}.py suggest() returned {type(params).__name__}, not TrialParams")
+    if params.model != spec.model:
+        raise ValueError(f"search space {spec.search_space!r} built model {params.model!r}, the study file says {spec.model!r}")
+    return params

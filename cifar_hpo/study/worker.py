@@ -1,0 +1,348 @@
+"""One worker's loop: take trials from the study until it has its finished trials, through database outages.
+
+    work(spec, url, results, data, st=st)     # `cifar-hpo run` (one worker) and each `--workers` process
+
+``--trials N`` means the study ends with N finished (complete + pruned)
+trials: after an interruption the same command finishes the remainder.
+Failed trials do not count; five failures in a row stop the run with the
+last reason. Several workers (processes here, or machines on one database)
+never run more than N: a trial started beyond the count fails at once with
+the reason "surplus" and runs nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from cifar_hpo import data, storage
+from cifar_hpo.errors import UserError, caused_by, first_line
+from cifar_hpo.storage import optuna_compat
+from cifar_hpo.study.create import make_pruner, make_sampler, sampler_seed
+from cifar_hpo.study.objective import Context, Interrupted, finished_count, objective
+from cifar_hpo.study.spec import StudySpec
+
+MAX_FAILS_IN_ROW = 5
+
+
+POLL_S = 5.0  # how often a worker waiting on others' running trials looks again
+
+
+class _NoInterruptTraceback(logging.Filter):
+    """Drops Optuna's "Trial N failed ... because of Interrupted" traceback (about 25 lines) on SIGTERM or Ctrl-C.
+
+    The interrupted trial is re-queued on purpose (see ``objective``) and the run says so in one line.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.interrupted: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        message = record.getMessage()
+        number = message.split(" ", 2)[1] if message.startswith("Trial ") else ""
+        if isinstance(exc, KeyboardInterrupt):
+            self.interrupted.add(number)
+            return False
+        return not (number in self.interrupted and "failed with value" in message)
+
+
+_QUIET_INTERRUPTS = _NoInterruptTraceback()
+
+
+logging.getLogger("optuna.study._optimize").addFilter(_QUIET_INTERRUPTS)
+
+
+class SurplusTrial(RuntimeError):
+    """A trial started after the study already had enough finished or running trials."""
+
+
+def load_data(spec: StudySpec, *, device: str = "auto", data_dir: Path | None = None, cache_dir: Path | None = None,
+              final: bool = False) -> data.DeviceData:  # fmt: skip
+    """`data.study_data` of the spec's data on ``device`` (``--device``, ``--data-dir``, ``--cache-dir`` of a command)."""
+    d = spec.data
+    return data.study_data(
+        d.source, subset=d.subset, val_fraction=d.val_fraction, split_seed=d.split_seed,
+        device=device, data_dir=data_dir, cache_dir=cache_dir, final=final,
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (preemption, ``kill``) interrupts like Ctrl-C, so the trial is marked and re-queued."""
+
+    fired: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if fired:
+            return  # a second SIGTERM (a supervisor and the parent both signal) must not abort the save in progress
+        fired.append(signum)
+        raise Interrupted(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _count_blocking(study: optuna.Study, number: int) -> int:
+    """Finished or running trials numbered below ``number``."""
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    return sum(1 for t in study.get_trials(deepcopy=False, states=states) if t.number < number)
+
+
+def work(spec: StudySpec, url: str, results: Path, data: Any, *, st: optuna.storages.RDBStorage | None = None,
+         seed: int | None = None, prefix: str = "", timeout: float | None = None) -> None:
+    """One worker's loop: run trials until the study has ``spec.trials`` finished ones.
+
+    ``st``: this process's storage on ``url`` (opened here if None). ``seed``: the sampler's seed
+    (default: ``sampler_seed(spec)``, different in every process).
+    """
+    st = st or storage.open_storage(url)
+    seed = sampler_seed(spec) if seed is None else seed
+    study = optuna.load_study(study_name=spec.name, storage=st, sampler=make_sampler(spec, seed),
+                              pruner=make_pruner(spec))  # fmt: skip
+
+    def log(line: str) -> None:
+        print(f"{prefix}{line}", flush=True)
+
+    ran: list[int] = []
+    # The outcome of a trial whose training is over, until the database has it (see _until_written).
+    outcome: list[tuple[optuna.Trial, TrialState, float | None]] = []
+
+    def keep(write: Callable[[], Any]) -> Any:
+        return _until_written(st, ran[-1] if ran else None, study, write, log)
+
+    ctx = Context(spec=spec, data=data, results=results, store=storage.artifact_store(url, results),
+                  target_trials=spec.trials, log=log, until_written=keep)  # fmt: skip
+
+    def guarded(trial: optuna.Trial) -> float:
+        ran.append(trial.number)
+        try:
+            trial.set_user_attr("sampler_seed", seed)
+            if _count_blocking(study, trial.number) >= spec.trials and storage.retried_trial_number(trial) is None:
+                trial.set_user_attr("fail_reason", "surplus: the study already had enough finished or running trials")
+                raise SurplusTrial("surplus trial, nothing run")
+            if (first := storage.earlier_retry(study, trial)) is not None:  # two workers re-queued one lost trial
+                trial.set_user_attr("fail_reason", f"surplus: a second retry of the same trial, #{first} is the retry")
+                raise SurplusTrial("duplicate retry, nothing run")
+            try:
+                value = objective(trial, ctx)
+            except optuna.TrialPruned:
+                outcome.append((trial, TrialState.PRUNED, None))
+                raise
+            outcome.append((trial, TrialState.COMPLETE, value))
+            return value
+        except Exception as e:
+            if _lost_database(e):  # not the trial's fault: leave it RUNNING to be retried once, as a killed worker's
+                raise DatabaseLost(first_line(e, innermost=True)) from e
+            if caused_by(e, optuna.exceptions.UpdateFinishedTrialError):
+                raise TrialTakenOver(f"trial #{trial.number} was failed as stale while it ran; its retry takes over") from e
+            raise
+
+    fails_in_row = 0
+    started = time.time()
+    while True:
+        with storage.quiet_experimental():
+            optuna.storages.fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+        running = sum(t.state == TrialState.RUNNING for t in trials)
+        waiting = sum(t.state == TrialState.WAITING for t in trials)
+        if finished >= spec.trials:
+            break
+        if timeout is not None and time.time() - started > timeout:
+            log(f"--timeout {timeout:g}s reached; {finished}/{spec.trials} trials finished, run again to continue")
+            break
+        if finished + running >= spec.trials and not waiting:
+            time.sleep(POLL_S)  # others' running trials may complete the study, or fail and free a slot
+            continue
+        ran.clear()
+        outcome.clear()
+        try:
+            study.optimize(guarded, n_trials=1, catch=(Exception,), gc_after_trial=False)
+        except Exception as e:
+            if not (outcome and _lost_database(e)):
+                raise
+            # Training is over and only Optuna's final write failed: keep the result and write it
+            # when the database is back, instead of leaving the trial to be retrained from scratch.
+            kept = outcome[0]
+            _until_written(st, kept[0].number, study, functools.partial(_tell_once, study, *kept), log)
+        if not ran:
+            continue
+        last = next(t for t in study.get_trials(deepcopy=False) if t.number == ran[0])
+        log(_trial_line(study, last))
+        if last.state == TrialState.FAIL and not str(last.user_attrs.get("fail_reason", "")).startswith("surplus"):
+            fails_in_row += 1
+            if fails_in_row >= MAX_FAILS_IN_ROW:
+                raise UserError(
+                    f"{fails_in_row} trials in a row failed, last (#{last.number}): {last.user_attrs.get('fail_reason')}; "
+                    f"fix the cause (search space {spec.search_space!r}, data, memory) and run again"
+                )
+        else:
+            fails_in_row = 0
+
+
+def _tell_once(study: optuna.Study, trial: optuna.Trial, state: TrialState, value: float | None) -> None:
+    """Record a finished trial's outcome unless the database has it already (a write that failed late)."""
+    frozen = optuna_compat.study_storage(study).get_trial(optuna_compat.trial_id(trial))
+    if frozen.state != TrialState.RUNNING:
+        return  # written after all, or failed as stale by another worker (its retry takes over)
+    study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+
+
+def _until_written(st: optuna.storages.RDBStorage, number: int | None, study: optuna.Study, write: Callable[[], Any],
+                   log: Callable[[str], None]) -> Any:  # fmt: skip
+    """Call ``write`` until the database takes it: a finished trial's result is kept, not thrown away.
+
+    While the database is out of reach the trial's heartbeat is sent again with every try, so that
+    once it is back the trial is not failed as stale by another worker before its result is written.
+
+    Raises:
+        UserError: the database stayed away for ``RECONNECT_S`` seconds.
+    """
+    deadline: float | None = None
+    while True:
+        try:
+            return write()
+        except Exception as e:
+            if not _lost_database(e):
+                raise
+            what = "a trial's result" if number is None else f"trial #{number}'s result"
+            if deadline is None:
+                deadline = time.time() + RECONNECT_S
+                log(f"lost the database {storage.mask_url(str(st.engine.url))} ({first_line(e, innermost=True)}) while writing {what}; "
+                    f"keeping it and trying again for up to {RECONNECT_S:g}s")  # fmt: skip
+            elif time.time() > deadline:
+                raise UserError(f"the database stayed unreachable for {RECONNECT_S:g}s, so {what} could not be written "
+                                f"({first_line(e, innermost=True)}); run the same command again when it is back") from None  # fmt: skip
+        time.sleep(RETRY_WRITE_S)
+        st.engine.dispose()  # pooled connections may be dead (server restart) or broken (I/O error)
+        if number is not None:
+            with contextlib.suppress(Exception):
+                tid = optuna_compat.study_storage(study).get_trial_id_from_study_id_trial_number(optuna_compat.study_id(study), number)
+                st.record_heartbeat(tid)
+
+
+def _trial_line(study: optuna.Study, t: optuna.trial.FrozenTrial) -> str:
+    done = finished_count(study)
+    try:
+        best = f"best {study.best_value:.4f} (#{study.best_trial.number})"
+    except ValueError:
+        best = "no complete trial yet"
+    if t.state == TrialState.COMPLETE:
+        what = f"complete, val_acc {t.value:.4f}"
+    elif t.state == TrialState.PRUNED:
+        what = f"pruned after {t.user_attrs.get('epochs_run', '?')} epochs"
+    else:
+        what = f"FAILED: {t.user_attrs.get('fail_reason', 'see log')}"
+    return f"trial #{t.number} {what}; {done} finished, {best}"
+
+
+class DatabaseLost(BaseException):
+    """The database went away during a trial.
+
+    A BaseException, so that Optuna does not record the trial FAIL (it would, with no retry, if the
+    database came back in time): the trial stays RUNNING, its heartbeat stops, and it is failed and
+    re-queued exactly once by whichever worker sees it stale, like the trial of a killed worker.
+    """
+
+
+class TrialTakenOver(BaseException):
+    """Another worker failed this worker's trial as stale (its heartbeats were late) and re-queued it.
+
+    A BaseException, so that Optuna does not try to record the finished trial again; the worker
+    drops the trial and goes on with the next one.
+    """
+
+
+RETRY_WRITE_S = float(os.environ.get("CIFAR_HPO_RETRY_WRITE_S", "2"))  # pause between tries of a kept result
+
+
+MAX_RECONNECTS = 20  # database outages survived by one run (each up to RECONNECT_S)
+
+
+RECONNECT_S = float(os.environ.get("CIFAR_HPO_RECONNECT_S", "600"))  # seconds to wait for a lost database to return
+
+
+def _lost_database(e: BaseException) -> bool:
+    """Whether ``e`` (or what caused it) is a lost or refused database connection."""
+    return storage.lost_connection(e)
+
+
+def reconnecting(url: str, log: Callable[[str], None], loop: Callable[[], None],
+                  st: optuna.storages.RDBStorage | None = None) -> None:  # fmt: skip
+    """Run a worker ``loop``; when the database goes away (server restart, network), wait for it and run it again.
+
+    The trial that was running is abandoned: its heartbeat stops, so it is failed and retried from its
+    last snapshot once stale, like the trial of a killed worker. Finished trials are in the database
+    already and are never touched. A trial taken over by another worker (``TrialTakenOver``) is
+    dropped and the loop goes on.
+
+    Raises:
+        UserError: the database stayed away for ``RECONNECT_S`` seconds, or was lost ``MAX_RECONNECTS`` times.
+    """
+    import threading
+
+    import sqlalchemy.exc
+
+    previous_hook = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        # A thread that dies with the connection: one line instead of a page of traceback.
+        if args.exc_value is not None and _lost_database(args.exc_value):
+            log(f"heartbeat stopped: {first_line(args.exc_value, innermost=True)}")
+        else:
+            previous_hook(args)
+
+    threading.excepthook = hook
+    shown = storage.mask_url(url)
+    lost = 0
+    try:
+        while True:
+            try:
+                loop()
+                return
+            except TrialTakenOver as e:
+                log(str(e))
+                continue
+            except (Exception, DatabaseLost) as e:
+                if not _lost_database(e):
+                    raise
+                lost += 1
+                if lost > MAX_RECONNECTS:
+                    raise UserError(f"lost the database {shown} {lost} times in this run; check the server and run again") from None
+                log(f"lost the database {shown} ({first_line(e, innermost=True)}); waiting up to {RECONNECT_S:g}s for it to come back; "
+                    "the running trial is retried from its last snapshot")  # fmt: skip
+            deadline = time.time() + RECONNECT_S
+            while True:
+                try:
+                    if st is None:
+                        storage.open_storage(url, heartbeat=False).engine.dispose()
+                    else:
+                        storage.ping(st)  # this process's storage: no second open of the same database
+                    break
+                except (UserError, sqlalchemy.exc.DBAPIError) as e:
+                    if time.time() > deadline:
+                        raise UserError(f"the database stayed unreachable for {RECONNECT_S:g}s ({first_line(e, innermost=True)}); "
+                                        "run the same command again when it is back: finished trials are kept") from None  # fmt: skip
+                    time.sleep(2.0)
+            log(f"reconnected to {shown}")
+    finally:
+        threading.excepthook = previous_hook
