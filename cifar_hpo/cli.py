@@ -64,7 +64,7 @@ def _add_results_flag(p: argparse.ArgumentParser) -> None:
 
 @dataclass(frozen=True)
 class Command:
-    """A subcommand: the module whose ``function(args)`` runs it, its one-line help, its flags."""
+    """A subcommand: the module (under ``cifar_hpo``) whose ``function(args)`` runs it, its one-line help, its flags."""
 
     module: str
     summary: str
@@ -222,7 +222,8 @@ def _parser_retrain(p: argparse.ArgumentParser) -> None:
     _add_run_overrides(p)
     p.add_argument("--seeds", type=int, default=1, help="train once per seed 0..K-1 (default: 1)")
     p.add_argument("--trial", type=int, default=None, help="retrain this trial number instead of the best")
-    p.add_argument("--default-params", action="store_true", help="use the search space's defaults, not a trial (the baseline)")
+    p.add_argument("--default-params", action="store_true",
+                   help="train the model's registry recipe (the study's recipe kind), not a trial (the baseline)")
 
 
 def _parser_export(p: argparse.ArgumentParser) -> None:
@@ -254,11 +255,14 @@ COMMANDS: dict[str, Command] = {
     "status": Command("commands.status", "Show a table of studies, or of one study's trials (safe while a run is going).", _parser_status),
     "dashboard": Command("commands.dashboard", "Start optuna-dashboard on the study storage and artifact store.", _parser_dashboard),
     "train": Command("commands.train", "Train one model outside any study and print per-epoch progress.", _parser_train),
-    "retrain": Command("commands.retrain", "Retrain the best trial on train+validation and evaluate once on the test split.", _parser_retrain),
+    "retrain": Command("commands.retrain", "Retrain the best trial on train+validation and evaluate once on the test split.",
+                       _parser_retrain),  # fmt: skip
     "report": Command("commands.report", "Compare every final model with the baseline: figures and summary tables.", _parser_report),
-    "export": Command("commands.export", "Export a final model as ONNX, a torch.export program, a checkpoint and a model card, each checked.",
+    "export": Command("commands.export",
+                      "Export a final model as ONNX, a torch.export program, a checkpoint and a model card, each checked.",
                       _parser_export),  # fmt: skip
-    "predict": Command("commands.predict", "Classify images with a final.pt, model.pt2 or model.onnx (ONNX Runtime, no torch needed).",
+    "predict": Command("commands.predict",
+                       "Classify images with a final.pt, model.pt2 or model.onnx (ONNX Runtime, no torch needed).",
                        _parser_predict),  # fmt: skip
     "explore": Command("commands.explore", "Write sample-image grids per class, augmentation previews and class counts.", _parser_explore),
     "bench": Command("bench", "Benchmarks measured side by side in one run (data, train, time-to-accuracy, pruning, faults).",

@@ -1,9 +1,11 @@
 """TrialParams: the only value that passes from a search space to training.
 
-A search space's ``suggest(trial)`` returns one; ``models.build`` and
-``train.train`` read it. It is a frozen dataclass so that it can be logged,
-stored as Optuna user attributes, written into checkpoints and replayed
-exactly (``TrialParams.from_dict(params.to_dict()) == params``).
+A search space's ``suggest(trial, recipe) -> TrialParams`` returns one
+(search_spaces/*.py; ``recipe`` is the study model's default recipe,
+`study.search_space.default_recipe`, which it may search around);
+``models.build`` and ``training.train`` read it. It is a frozen dataclass so
+that it can be logged, stored as Optuna user attributes, written into
+checkpoints and replayed exactly (``TrialParams.from_dict(params.to_dict()) == params``).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ class TrialParams:
     # Learning-rate multiplier of the BatchNorm shifts (fast_cnn's BN has no scale and
     # its logits are scaled down, so its shifts learn slowly at the weights' lr).
     norm_lr_scale: float = 1.0
-    # Lookahead: every `train.LOOKAHEAD_IMAGES` training images the weights are pulled
+    # Lookahead: every `training.optim.LOOKAHEAD_IMAGES` training images the weights are pulled
     # towards an average of themselves, more strongly as training ends; the run ends on
     # the average (airbench's schedule, arXiv 2404.00498).
     lookahead: bool = False

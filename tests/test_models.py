@@ -1,4 +1,4 @@
-"""Model registry: shapes, gradients, pretrained loading from the hub cache, fine-tune freezing."""
+"""Model registry: shapes, gradients, declared capabilities, pretrained loading from the hub cache, fine-tune freezing."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from torch import nn
 from cifar_hpo import models
 from cifar_hpo.errors import UserError
 from cifar_hpo.params import TrialParams
+from cifar_hpo.training import loop
+from tests.test_train import colour_data
 
 CASES = [(name, {}) for name in models.MODELS] + [
     ("resnet18", {"upsample": 64}),
@@ -83,6 +85,56 @@ def test_registry_entry_is_complete_and_consistent(name: str) -> None:
     assert all(a < b for a, b in zip(trained, trained[1:], strict=False)), trained
     assert trained[-1] == sum(p.numel() for p in net.parameters())
     assert any("conv" in part for part in entry.stages[-1])
+
+
+# Small enough to train two epochs on a CPU in seconds; any other model trains its cpu recipe's arch.
+_SMALL_ARCH = {"fast_cnn": {"width": 0.125}, "mlp": {"hidden": 32}, "resnet18": {"cifar_stem": False},
+               "densenet121": {"cifar_stem": False}}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(models.MODELS))
+def test_declared_capabilities_are_what_the_module_offers_and_train_uses(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Walk one registry entry: what training asks of the model (`Capabilities`) is declared, true and honoured."""
+    caps = models.MODELS[name].capabilities
+    recipe = models.default_params(name, "cpu")
+    params = recipe.replace(pretrained=False, batch_size=16, arch={**recipe.arch, **_SMALL_ARCH.get(name, {})})
+    torch.manual_seed(0)
+    net = models.build(params, 3)
+    # Declared <=> offered by the built module.
+    assert caps.init_from_data == callable(getattr(net, "init_from_data", None))
+    assert caps.tta == hasattr(net, "tta")
+    own_level = getattr(net, "tta", None)
+    if caps.tta:
+        assert 0 in caps.tta_levels and own_level in caps.tta_levels  # train() switches to 0 before the last epoch
+        net.eval()
+        for level in caps.tta_levels:
+            net.tta = level
+            with torch.no_grad():
+                out = net(torch.randn(2, 3, 32, 32))
+            assert out.shape == (2, 3) and torch.isfinite(out).all()
+        net.tta = own_level
+    # Honoured by train(): init_from_data once on a fresh run (never on resume), one pass before the last epoch.
+    inits: list[tuple[int, ...]] = []
+    if caps.init_from_data:
+        real_init = net.init_from_data
+        monkeypatch.setattr(net, "init_from_data", lambda x: (inits.append(tuple(x.shape)), real_init(x))[1])
+    levels: list[object] = []
+    real_evaluate = loop.evaluate
+
+    def spy(model: nn.Module, *args: object, **kwargs: object) -> object:
+        levels.append(getattr(model, "tta", None))
+        return real_evaluate(model, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loop, "evaluate", spy)
+    data = colour_data(n_train=32, n_eval=8)
+    snapshots: list[dict] = []
+    history = loop.train(net, data, params, epochs=2, seed=0, on_epoch=lambda r, snap: snapshots.append(snap()))
+    assert history.status == "ok" and len(history.epochs) == 2
+    assert inits == ([(32, 3, 32, 32)] if caps.init_from_data else [])
+    assert levels == ([0, own_level] if caps.tta else [None, None])
+    assert getattr(net, "tta", None) == own_level  # restored, and never added to a model without it
+    loop.train(net, data, params, epochs=2, seed=0, resume=snapshots[-1])  # nothing left to train, nothing to initialise
+    assert len(inits) == (1 if caps.init_from_data else 0)
 
 
 def test_default_recipe_follows_the_device_kind() -> None:

@@ -108,7 +108,7 @@ def test_draw_pruning_writes_a_png(tmp_path) -> None:  # type: ignore[no-untyped
 
 
 def _rung_study(keep: int) -> optuna.Study:
-    pruner = pruners.make_pruner("rung_top_k", min_resource=1, reduction_factor=3, epochs=8, keep=keep)
+    pruner = pruners.pruner_for("rung_top_k", min_resource=1, reduction_factor=3, epochs=8, keep=keep)
     return optuna.create_study(direction="maximize", pruner=pruner)
 
 
@@ -166,3 +166,96 @@ def test_the_ema_fidelity_evaluates_the_average_only_at_the_rungs() -> None:
 def test_an_extra_evaluation_costs_the_studys_validation_share() -> None:
     # 9:1 split: 1 validation image per 9 training images, a forward pass a third of a step.
     assert pruners.eval_cost(0.1) == pytest.approx(1 / 27)
+
+
+def test_the_note_names_a_rung_top_k_pruner() -> None:
+    from cifar_hpo.study.note import study_note
+
+    spec = load_spec("fast").replace(pruner=PrunerSpec(kind="rung_top_k", min_resource=1, reduction_factor=4, keep=2))
+    note = study_note(spec, "hash")
+    assert "pruner none" not in note  # it prunes
+    assert "pruner rung top-2 on epochs (at least 1 epoch(s) per trial" in note and "epochs 1, 4" in note
+
+
+def test_the_note_mentions_probes_only_where_probes_run() -> None:
+    from cifar_hpo.study.note import study_note
+
+    plain = load_spec("fast")  # the shipped default: plain fidelity, no probe ever runs
+    assert plain.pruner.fidelity == "plain"
+    note = study_note(plain, "hash")
+    assert "probe" not in note
+    assert "(fraction 0..1) after each epoch; the trial's value is its best epoch's. Maximized." in note
+    probe = plain.replace(pruner=PrunerSpec(fidelity="probe"))
+    assert pruners.probe_epochs(probe) == [4]
+    words = "after each epoch (at probe epochs, the accuracy of the short cooldown probe the pruner ranks on); the trial's"
+    assert words in study_note(probe, "hash")
+    no_probe = plain.replace(epochs=3, pruner=PrunerSpec(fidelity="probe"))  # rungs 1 only: before PROBE_FROM_EPOCH
+    assert pruners.probe_epochs(no_probe) == [] and "probe" not in study_note(no_probe, "hash")
+
+
+def test_the_note_says_what_an_ema_rung_compares() -> None:
+    from cifar_hpo.study.note import study_note
+
+    note = study_note(load_spec("fast").replace(pruner=PrunerSpec(fidelity="ema")), "hash")
+    assert "after each epoch (at rung epochs, the accuracy of the average (EMA) of the weights the pruner ranks on)" in note
+    assert "probe" not in note
+
+
+def test_a_pruner_registered_in_pruning_alone_is_a_study_files_pruner(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # Adding a pruner is one entry in pruning.PRUNERS: the study file validates, the study
+    # (create, worker) builds it, its rungs are its own and the dashboard note names it.
+    from cifar_hpo.study.note import study_note
+
+    built: list[pruners.PrunerArgs] = []
+
+    def build(a: pruners.PrunerArgs) -> optuna.pruners.BasePruner:
+        built.append(a)
+        return optuna.pruners.ThresholdPruner(lower=0.5)
+
+    kind = pruners.PrunerKind(build=build, rungs=lambda min_resource, rf, epochs: [epochs - 1],
+                              words=lambda a: f"threshold 0.5 (keep {a.keep})")  # fmt: skip
+    monkeypatch.setitem(pruners.PRUNERS, "threshold", kind)
+    path = tmp_path / "t.toml"
+    path.write_text('model = "fast_cnn"\nsearch_space = "fast"\nepochs = 3\ntrials = 2\n[pruner]\nkind = "threshold"\nkeep = 3\n')
+    spec = load_spec(str(path))
+    assert isinstance(pruners.make_pruner(spec), optuna.pruners.ThresholdPruner)
+    assert built == [pruners.PrunerArgs(min_resource=1, reduction_factor=4, epochs=3, n_startup_trials=5, n_warmup_steps=1, keep=3)]
+    assert pruners.rung_epochs("threshold", 1, 4, 3) == [2]
+    assert "pruner threshold 0.5 (keep 3), seed 0" in study_note(spec, "hash")
+    monkeypatch.delitem(pruners.PRUNERS, "threshold")
+    from cifar_hpo.errors import UserError
+
+    with pytest.raises(UserError, match="pruner.kind must be one of hyperband, successive_halving, rung_top_k, median, none"):
+        load_spec(str(path))
+
+
+def test_every_pruner_kind_builds_and_has_words() -> None:
+    spec = load_spec("fast")
+    for name in pruners.PRUNERS:
+        kind_spec = spec.replace(pruner=PrunerSpec(kind=name))
+        assert isinstance(pruners.make_pruner(kind_spec), optuna.pruners.BasePruner), name
+        assert pruners.pruner_words(kind_spec), name
+    with pytest.raises(ValueError, match="unknown pruner kind 'magic'"):
+        pruners.rung_epochs("magic", 1, 4, 10)
+
+
+def test_pruner_for_defaults_are_the_study_files() -> None:
+    # The replay's pruner_for must build what a study file of the same kind builds.
+    import inspect
+
+    defaults = {k: v.default for k, v in inspect.signature(pruners.pruner_for).parameters.items() if v.default is not v.empty}
+    assert defaults == {k: getattr(PrunerSpec(), k) for k in ("n_startup_trials", "n_warmup_steps", "keep")}
+
+
+def test_bench_prunings_pruner_choices_are_registered_kinds() -> None:
+    import argparse
+
+    from cifar_hpo import cli
+
+    def sub(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        return action.choices[name]  # type: ignore[no-any-return]
+
+    bench_pruning = sub(sub(cli.build_parser(), "bench"), "pruning")
+    choices = next(a.choices for a in bench_pruning._actions if a.dest == "pruner")
+    assert choices and set(choices) <= set(pruners.PRUNERS)

@@ -251,3 +251,26 @@ def test_replay_prefers_stored_params_when_the_search_space_changed(env: SimpleN
     )  # fmt: skip
     assert retrain.replay_params(spec, edited).dropout == 0.25
     assert "replays trial" in capsys.readouterr().err
+
+
+def test_replay_of_a_probe_fidelity_trial_is_what_it_trained(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The probe fidelity trains every trial with the wsd schedule (pruning.trial_params); the
+    # replay must apply the same rewrite, or it "finds" an edited search space and warns.
+    from conftest import study_toml
+
+    from cifar_hpo.study import pruning
+    from cifar_hpo.study.search_space import suggest_params
+    from cifar_hpo.study.spec import load_spec
+
+    path = tmp_path / "probe.toml"
+    path.write_text(study_toml(epochs=10, pruner="successive_halving") + 'fidelity = "probe"\n')
+    spec = load_spec(str(path))
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = study.ask()
+    stored = pruning.trial_params(spec, suggest_params(spec, trial))  # what the objective stores and trains
+    trial.set_user_attr("trial_params", stored.to_dict())
+    study.tell(trial, 0.5)
+    assert stored.schedule == "wsd" and trial.params["schedule"] != "wsd"  # the fidelity did rewrite the schedule
+    capsys.readouterr()
+    assert retrain.replay_params(spec, study.trials[0]) == stored
+    assert capsys.readouterr().err == ""

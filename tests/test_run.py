@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 
 from cifar_hpo import cli
 from cifar_hpo.params import TrialParams
-from cifar_hpo.study import objective
+from cifar_hpo.study import objective, pruning
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_pruner_prunes(tmp_path: Path, folder: Path) -> None:
 
 
 def test_exception_and_nonfinite_fail_one_trial_each(tmp_path: Path, folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = objective.suggest_params
+    real = pruning.suggest_params
 
     def flaky(spec, trial):  # type: ignore[no-untyped-def]
         params = real(spec, trial)
@@ -92,7 +92,7 @@ def test_exception_and_nonfinite_fail_one_trial_each(tmp_path: Path, folder: Pat
             return params.replace(lr=1e30, optimizer="sgd", schedule="constant")
         return params
 
-    monkeypatch.setattr(objective, "suggest_params", flaky)
+    monkeypatch.setattr(pruning, "suggest_params", flaky)
     assert cli.main(_args(tmp_path, folder, _study_file(tmp_path), 3)) == 0
     trials = _load(tmp_path).get_trials()
     assert trials[1].state == TrialState.FAIL and "bug in a user's search space" in trials[1].user_attrs["fail_reason"]
@@ -105,7 +105,7 @@ def test_failures_in_a_row_stop_with_the_reason(tmp_path: Path, folder: Path, mo
     def broken(spec, trial):  # type: ignore[no-untyped-def]
         raise RuntimeError("always broken")
 
-    monkeypatch.setattr(objective, "suggest_params", broken)
+    monkeypatch.setattr(pruning, "suggest_params", broken)
     assert cli.main(_args(tmp_path, folder, _study_file(tmp_path), 3)) == 2
     assert "5 trials in a row failed" in capsys.readouterr().err
     assert _states(_load(tmp_path)).count(TrialState.FAIL) == 5

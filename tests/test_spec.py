@@ -180,3 +180,12 @@ def test_arch_table_changes_the_recipes_network(tmp_path: Path) -> None:
     f.write_text('model = "fast_cnn"\nsearch_space = "fast"\nepochs = 2\ntrials = 2\n[arch]\nwidht = 0.5\n')
     with pytest.raises(UserError, match=r"arch.widht is not an option of fast_cnn; valid: .*width"):
         load_spec(str(f))
+
+
+def test_retrain_help_says_default_params_trains_the_registry_recipe(capsys: pytest.CaptureFixture[str]) -> None:
+    # It said "the search space's defaults": a search space has none, retrain --default-params trains models.MODELS' recipe.
+    with pytest.raises(SystemExit):
+        cli.main(["retrain", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--default-params train the model's registry recipe (the study's recipe kind), not a trial" in text
+    assert "search space's defaults" not in text

@@ -225,11 +225,11 @@ def test_a_new_study_never_resumes_an_old_studys_snapshot(tmp_path: Path, folder
     from cifar_hpo import cli, models
     from cifar_hpo import training as train
     from cifar_hpo.storage import checkpoint
-    from cifar_hpo.study import objective
+    from cifar_hpo.study import pruning
     from cifar_hpo.study.spec import load_spec
 
     params = models.default_params("baseline_cnn").replace(batch_size=16)
-    monkeypatch.setattr(objective, "suggest_params", lambda spec, trial: params)  # same params in both studies
+    monkeypatch.setattr(pruning, "suggest_params", lambda spec, trial: params)  # same params in both studies
     study_file = _study_file(tmp_path, epochs=2, trials=1)
     # The earlier study: another split (a subset), trained one epoch of trial 0, snapshot left behind.
     old_spec = load_spec(str(study_file)).with_overrides(data=str(folder), subset=30)

@@ -138,6 +138,18 @@ class _InfAfter(nn.Module):
         out = self.inner(x)
         return out * math.inf if self.calls >= self.bad and self.training else out
 
+    # train() asks the registry what the model offers (models.registry.Capabilities): a wrapper offers what the inner one does.
+    def init_from_data(self, x: torch.Tensor) -> None:
+        self.inner.init_from_data(x)  # type: ignore[operator]
+
+    @property
+    def tta(self) -> int:
+        return int(self.inner.tta)  # type: ignore[arg-type]
+
+    @tta.setter
+    def tta(self, level: int) -> None:
+        self.inner.tta = level  # type: ignore[assignment]
+
 
 def test_nonfinite_loss_stops_at_the_first_bad_step() -> None:
     data = colour_data(n_train=96)  # 3 steps per epoch at batch 32

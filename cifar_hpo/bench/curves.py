@@ -11,8 +11,8 @@ recorded configuration by configuration side by side from the same draws:
 
 - ``onecycle``: today's recipe (the search space's schedule over the whole
   trial); per epoch the plain accuracy and the accuracy of an EMA of the weights.
-- ``wsd``: warmup-stable-decay (`train.lr_factor`); at `probe_epochs` a short
-  cooldown branch off the stable weights is evaluated (`train.train`'s
+- ``wsd``: warmup-stable-decay (`training.optim.lr_factor`); at `PROBE_EPOCHS` a short
+  cooldown branch off the stable weights is evaluated (`training.train`'s
   ``probe_epochs``) while the run continues; its extra steps are recorded.
 
 Banks live in ``$CIFAR_HPO_CACHE/banks/``; a configuration is appended (the file
@@ -23,6 +23,8 @@ where it stopped. ``cifar-hpo bench search`` replays pruning rules on them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -34,10 +36,17 @@ import numpy as np
 import optuna
 import torch
 
-from cifar_hpo import data
+from cifar_hpo import data, models
+from cifar_hpo.data import cache_home
 from cifar_hpo.data.split import stratified_take
+from cifar_hpo.device import resolve_device
 from cifar_hpo.errors import UserError
+from cifar_hpo.params import TrialParams
+from cifar_hpo.storage.checkpoint import atomic_write_bytes
 from cifar_hpo.study.pruning import EVAL_COST_PER_IMAGE
+from cifar_hpo.study.search_space import suggest_params
+from cifar_hpo.study.spec import load_spec
+from cifar_hpo.training.loop import train
 
 BANK_VERSION = 1
 # What each design changes in a configuration's recipe and what it measures per epoch.
@@ -67,8 +76,6 @@ class BankSpec:
 
 def banks_dir() -> Path:
     """``$CIFAR_HPO_CACHE/banks``."""
-    from cifar_hpo.data import cache_home
-
     return cache_home() / "banks"
 
 
@@ -77,8 +84,6 @@ def draw_configs(study_spec: Any, count: int, seed: int) -> list[dict[str, Any]]
 
     Each: ``params`` (Optuna's values), ``distributions`` (JSON) and ``trial_params``.
     """
-    from cifar_hpo.study.objective import suggest_params
-
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed), direction="maximize")
     out = []
     for _ in range(count):
@@ -97,9 +102,6 @@ def draw_configs(study_spec: Any, count: int, seed: int) -> list[dict[str, Any]]
 
 def subset_data(ds: Any, split: Any, train_images: int, val_images: int | None, seed: int, device: torch.device) -> Any:
     """Stratified subsets of the split's training (and, if asked, validation) images; never the test split."""
-    import dataclasses
-    import hashlib
-
     if not 1 <= train_images <= len(split.train_idx):
         raise UserError(f"--train-images {train_images}: the split has {len(split.train_idx)} training images; pass 1..that")
     if val_images is not None and not 1 <= val_images <= len(split.val_idx):
@@ -126,18 +128,12 @@ def read_bank(path: Path) -> dict[str, Any]:
 
 
 def _write(path: Path, bank: dict[str, Any]) -> None:
-    from cifar_hpo.storage.checkpoint import atomic_write_bytes
-
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, json.dumps(bank).encode(), mode=0o644)
 
 
 def train_config(config: dict[str, Any], design: str, data: Any, epochs: int, seed: int) -> dict[str, Any]:
     """Train one configuration under ``design``; its per-epoch curve and costs."""
-    from cifar_hpo import models
-    from cifar_hpo.params import TrialParams
-    from cifar_hpo.training.loop import train
-
     how = DESIGNS[design]
     params = TrialParams.from_dict(config["trial_params"])
     if how["schedule"] is not None:
@@ -215,24 +211,74 @@ def record(
     return paths
 
 
-def _specs(args: argparse.Namespace) -> tuple[Any, list[BankSpec]]:
-    from cifar_hpo.study.spec import load_spec
+@dataclass(frozen=True)
+class BankImages:
+    """The images a bank (and ``bench pruning``'s live check) trains on: those flags as plain values.
 
-    study_spec = load_spec(args.study)
-    designs = [d.strip() for d in args.designs.split(",") if d.strip()]
-    unknown = [d for d in designs if d not in DESIGNS]
+    Attributes:
+        train_images: ``--train-images``, stratified from the study split's training images.
+        val_images: ``--val-images``, stratified from its validation images; None: all of them.
+        source: ``--data``; None: the study file's data source.
+        data_dir: ``--data-dir`` (where 'cifar10' is downloaded); None: the default.
+        cache_dir: ``--cache-dir`` (decoded-array cache); None: the default.
+        device: ``--device`` (`device.resolve_device`).
+    """
+
+    train_images: int
+    val_images: int | None
+    source: str | None = None
+    data_dir: Path | None = None
+    cache_dir: Path | None = None
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class BankOptions:
+    """Which banks ``bench curves`` records and ``bench search`` replays: the bank flags as plain values.
+
+    Built once by a bench's ``main`` from its arguments; nothing below it reads them.
+
+    Attributes:
+        study: ``--study``, a study name or file: its search space, network and data.
+        designs: the fidelity designs (keys of `DESIGNS`), one bank each.
+        configs: ``--configs``, configurations per bank (at least 2).
+        epochs: ``--epochs`` per configuration; None (or 0): the study's.
+        seed: ``--seed`` of the draws and of the image subset.
+        images: what the banks train and evaluate on.
+        bank_dir: ``--bank-dir``; None: `banks_dir`.
+    """
+
+    study: str
+    designs: tuple[str, ...]
+    configs: int
+    epochs: int | None
+    seed: int
+    images: BankImages
+    bank_dir: Path | None = None
+
+    @property
+    def folder(self) -> Path:
+        """Where the banks are kept."""
+        return self.bank_dir or banks_dir()
+
+
+def _specs(options: BankOptions) -> tuple[Any, list[BankSpec]]:
+    """The study spec and one `BankSpec` per design of ``options``."""
+    study_spec = load_spec(options.study)
+    unknown = [d for d in options.designs if d not in DESIGNS]
     if unknown:
         raise UserError(f"--designs: unknown design {unknown[0]!r}; valid: {', '.join(DESIGNS)}")
-    if args.configs < 2:
-        raise UserError(f"--configs {args.configs}: a bank needs at least 2 configurations")
-    epochs = args.epochs or study_spec.epochs
-    return study_spec, [BankSpec(study_spec.name, d, epochs, args.configs, args.train_images, args.seed) for d in designs]
+    if options.configs < 2:
+        raise UserError(f"--configs {options.configs}: a bank needs at least 2 configurations")
+    epochs = options.epochs or study_spec.epochs
+    train_images = options.images.train_images
+    return study_spec, [BankSpec(study_spec.name, d, epochs, options.configs, train_images, options.seed) for d in options.designs]
 
 
-def bank_paths(args: argparse.Namespace) -> list[Path]:
-    """The newest cached bank of each design that ``args`` describe, without recording anything."""
-    _, specs = _specs(args)
-    folder = args.bank_dir or banks_dir()
+def bank_paths(options: BankOptions) -> list[Path]:
+    """The newest cached bank of each design that ``options`` describe, without recording anything."""
+    _, specs = _specs(options)
+    folder = options.folder
     paths = []
     for s in specs:
         found = sorted(folder.glob(s.file_name("*")), key=lambda p: p.stat().st_mtime)
@@ -242,26 +288,28 @@ def bank_paths(args: argparse.Namespace) -> list[Path]:
     return paths
 
 
-def ensure(args: argparse.Namespace) -> list[Path]:
-    """Record (or finish recording) the banks ``args`` describe; their paths."""
-    study_spec, specs = _specs(args)
-    return record(specs, study_spec, bank_data(study_spec, args, args.seed), folder=args.bank_dir or banks_dir())
+def ensure(options: BankOptions) -> list[Path]:
+    """Record (or finish recording) the banks ``options`` describe; their paths."""
+    study_spec, specs = _specs(options)
+    return record(specs, study_spec, bank_data(study_spec, options.images, options.seed), folder=options.folder)
 
 
-def bank_data(study_spec: Any, args: argparse.Namespace, seed: int) -> Any:
-    """The images a bank (and ``bench pruning``'s live check) trains on: ``--train-images`` /
-    ``--val-images`` stratified from the study's split, drawn with ``seed``, on ``--device``."""
-    from cifar_hpo import data
-    from cifar_hpo.device import resolve_device
-
-    ds = data.load_dataset(args.data or study_spec.data.source, data_dir=args.data_dir, cache_dir=args.cache_dir)
+def bank_data(study_spec: Any, images: BankImages, seed: int) -> Any:
+    """The images a bank (and ``bench pruning``'s live check) trains on: ``images.train_images`` /
+    ``images.val_images`` stratified from the study's split, drawn with ``seed``, on ``images.device``."""
+    ds = data.load_dataset(images.source or study_spec.data.source, data_dir=images.data_dir, cache_dir=images.cache_dir)
     split = data.split_dataset(ds, val_fraction=study_spec.data.val_fraction, seed=study_spec.data.split_seed)
-    return subset_data(ds, split, args.train_images, args.val_images, seed, resolve_device(args.device))
+    return subset_data(ds, split, images.train_images, images.val_images, seed, resolve_device(images.device))
 
 
 def main(args: argparse.Namespace) -> int:
     """Record the banks of ``--designs`` for ``--study``."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    for p in ensure(args):
+    images = BankImages(train_images=args.train_images, val_images=args.val_images, source=args.data,
+                        data_dir=args.data_dir, cache_dir=args.cache_dir, device=args.device)  # fmt: skip
+    designs = tuple(d.strip() for d in args.designs.split(",") if d.strip())
+    options = BankOptions(study=args.study, designs=designs, configs=args.configs, epochs=args.epochs, seed=args.seed,
+                          images=images, bank_dir=args.bank_dir)  # fmt: skip
+    for p in ensure(options):
         print(f"bank {p}")
     return 0

@@ -45,7 +45,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import optuna
+from optuna.trial import TrialState
+
+from cifar_hpo import bench, storage
 from cifar_hpo.errors import UserError
+from cifar_hpo.storage import record
 
 # Fast fault detection: a killed worker's trial is failed and re-queued 3 s after its last heartbeat
 # (20 s when it never had one: one machine, one clock, so no margin for clock skew is needed).
@@ -147,11 +152,6 @@ class _Finished:
         self.study: Any = None
 
     def __call__(self) -> set[int]:
-        import optuna
-        from optuna.trial import TrialState
-
-        from cifar_hpo import storage
-
         try:
             if self.study is None:
                 self.study = optuna.load_study(study_name=self.name, storage=storage.open_storage(self.url, heartbeat=False))
@@ -193,11 +193,6 @@ def measure(
 
     The study is left in its storage (a test inspects it); ``main`` deletes a server-side one.
     """
-    import optuna
-    from optuna.trial import TrialState
-
-    from cifar_hpo import storage
-
     rng = random.Random(seed)
     name = f"faults-{uuid.uuid4().hex[:8]}"
     url = url or f"sqlite:///{(workdir / 'faults.db').as_posix()}"
@@ -276,14 +271,16 @@ def measure(
     study = optuna.load_study(study_name=name, storage=storage.open_storage(url, heartbeat=False))
     all_trials = study.get_trials(deepcopy=False)
     finished = {t.number for t in all_trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
+    records = {t.number: record.read(t) for t in all_trials}
     # Failed by a stale heartbeat (a kill, or a worker cut off from the database): reason "stale: ...",
     # or none from before that reason was recorded.
-    killed = [t for t in all_trials if t.state == TrialState.FAIL and str(t.user_attrs.get("fail_reason") or "stale").startswith("stale")]
+    killed = [t for t in all_trials
+              if t.state == TrialState.FAIL and records[t.number].fail_kind in (record.FailKind.STALE, None)]  # fmt: skip
     retries: dict[int, int] = {}
     for t in all_trials:
         history = t.system_attrs.get("retry_history") or []
         # A retry that stood down when taken (another retry of the same trial came first) never ran.
-        if history and not str(t.user_attrs.get("fail_reason", "")).startswith("surplus"):
+        if history and records[t.number].fail_kind is not record.FailKind.SURPLUS:
             retries[history[-1]] = retries.get(history[-1], 0) + 1
     # Retrying stops after storage.MAX_RETRY kills of one lineage (a trial that keeps killing its worker
     # should not run for ever); such a lineage is given up by design and a fresh trial takes its place.
@@ -305,7 +302,7 @@ def measure(
         "retries": sum(retries.values()),
         "retried_twice": sum(n > 1 for n in retries.values()),
         "retries_exhausted": len(exhausted),
-        "resumed_from_snapshot": sum("resumed_from_epoch" in t.user_attrs for t in all_trials),
+        "resumed_from_snapshot": sum(r.resumed_from_epoch is not None for r in records.values()),
         "duplicate_runs": sum(len(who) > 1 for who in trained_by.values()),
         "locked_errors": output.count("database is locked"),
         "runs": len(exit_codes),
@@ -323,10 +320,6 @@ def measure(
 
 def main(args: argparse.Namespace) -> int:
     """``cifar-hpo bench faults``: print the counts; exit 1 if anything was lost or left RUNNING."""
-    import optuna
-
-    from cifar_hpo import bench, storage
-
     if args.workers < 1 or args.trials < 1 or args.kills < 0:
         raise UserError("--workers and --trials must be >= 1 and --kills >= 0")
     url = args.storage or os.environ.get(storage.ENV_VAR) or None  # else a temporary SQLite database

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -33,16 +35,16 @@ from pathlib import Path
 import optuna
 
 from cifar_hpo.bench import emit
+from cifar_hpo.bench.curves import BankImages, bank_data
 from cifar_hpo.study.create import open_study
+from cifar_hpo.study.pruning import probe_epochs
 from cifar_hpo.study.spec import PrunerSpec, StudySpec, load_spec
 from cifar_hpo.study.worker import work
+from cifar_hpo.training.loop import PROBE_COOLDOWN_FRAC
 
 
 def run_study(spec: StudySpec, data: object, folder: Path) -> dict[str, float]:
     """Run ``spec`` to completion in a fresh database; return epochs trained (probes included) and best value."""
-    from cifar_hpo.study.pruning import probe_epochs
-    from cifar_hpo.training.loop import PROBE_COOLDOWN_FRAC
-
     url = f"sqlite:///{folder}/{spec.name}.db"
     started = time.time()
     open_study(spec, url, data.split_hash)  # type: ignore[attr-defined]
@@ -50,7 +52,7 @@ def run_study(spec: StudySpec, data: object, folder: Path) -> dict[str, float]:
     study = optuna.load_study(study_name=spec.name, storage=url)
     trials = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
     probes = probe_epochs(spec)
-    # A probe at epoch k trains PROBE_COOLDOWN_FRAC * k epochs more (train.train's probe_steps).
+    # A probe at epoch k trains PROBE_COOLDOWN_FRAC * k epochs more (training.train's probe_steps).
     extra = sum(PROBE_COOLDOWN_FRAC * k for t in trials for k in probes if k in t.intermediate_values and k < spec.epochs)
     return {
         "epochs": float(sum(len(t.intermediate_values) for t in trials)) + extra,
@@ -62,10 +64,6 @@ def run_study(spec: StudySpec, data: object, folder: Path) -> dict[str, float]:
 
 def main(args: argparse.Namespace) -> int:
     """Run both studies side by side and print the comparison."""
-    import statistics
-
-    from cifar_hpo.bench.curves import bank_data
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     base = load_spec(args.study).with_overrides(epochs=args.epochs, trials=args.trials, data=args.data)
     base = base.replace(seed=args.seed)
@@ -76,7 +74,9 @@ def main(args: argparse.Namespace) -> int:
             base.pruner, kind=args.pruner or base.pruner.kind, reduction_factor=args.reduction_factor or base.pruner.reduction_factor
         )
         base = base.replace(pruner=chosen)
-    data = bank_data(base, args, 0)  # the default banks' images (bench curves --seed 0)
+    images = BankImages(train_images=args.train_images, val_images=args.val_images, source=args.data,
+                        data_dir=args.data_dir, cache_dir=args.cache_dir, device=args.device)  # fmt: skip
+    data = bank_data(base, images, 0)  # the default banks' images (bench curves --seed 0)
     per_seed = []
     for seed in range(base.seed, base.seed + max(1, args.seeds)):
         pruned_spec = base.replace(name=f"pruned-{seed}", seed=seed)
@@ -122,7 +122,5 @@ def main(args: argparse.Namespace) -> int:
     }
     emit({k: v for k, v in result.items() if k != "per_seed"}, False)
     if args.json:
-        import json
-
         print(json.dumps(result, sort_keys=True))
     return 0

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +33,13 @@ from typing import Any
 import numpy as np
 import optuna
 
+from cifar_hpo.bench import curves, emit
+from cifar_hpo.bench.curves import BankImages, BankOptions, read_bank
 from cifar_hpo.errors import UserError
-from cifar_hpo.study.pruning import PROBE_FROM_EPOCH, make_pruner, rung_epochs
+from cifar_hpo.plots import pyplot
+from cifar_hpo.report.data import spearman
+from cifar_hpo.study.pruning import PROBE_FROM_EPOCH, eval_cost, pruner_for, rung_epochs
+from cifar_hpo.study.spec import load_spec
 from cifar_hpo.training.optim import WSD_DECAY_FRAC
 
 
@@ -59,23 +66,8 @@ class Outcome:
     trace: list[tuple[float, float]]  # (epochs consumed so far, best so far) after each trial
 
 
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman rank correlation (average ranks for ties); nan when either side is constant."""
-    ra, rb = _ranks(np.asarray(a, float)), _ranks(np.asarray(b, float))
-    if len(ra) < 2 or ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(len(x), dtype=float)
-    for v in np.unique(x):  # average the ranks of ties
-        tie = x == v
-        if tie.sum() > 1:
-            ranks[tie] = ranks[tie].mean()
-    return ranks
 
 
 # ---------------------------------------------------------------- curves under a rule
@@ -116,8 +108,8 @@ def replay(rule: Rule, configs: Sequence[dict[str, Any]], epochs: int, seed: int
     rungs = set(rule_rungs(rule, epochs))
     if rule.kind == "topk":
         return _topk(rule, configs, epochs, rungs)
-    pruner = make_pruner(rule.kind, min_resource=rule.min_resource, reduction_factor=rule.reduction_factor,
-                         epochs=epochs, keep=max(1, rule.k))  # fmt: skip
+    pruner = pruner_for(rule.kind, min_resource=rule.min_resource, reduction_factor=rule.reduction_factor,
+                        epochs=epochs, keep=max(1, rule.k))  # fmt: skip
     if rule.kind == "median":
         pruner = optuna.pruners.MedianPruner()  # Optuna's defaults, as a user would get them
     study = optuna.create_study(direction="maximize", pruner=pruner, sampler=optuna.samplers.RandomSampler(seed=seed),
@@ -407,8 +399,6 @@ def _scaled(params: dict[str, Any], dists: dict[str, Any]) -> np.ndarray:
 
 def plot(result: dict[str, Any], names: Sequence[str], path: Path) -> Path:
     """Regret of the best found vs epochs consumed (share of the unpruned study's), mean and 25-75% band."""
-    from cifar_hpo.plots import pyplot
-
     plt = pyplot()  # the Agg backend, set there
 
     grid = np.linspace(0.0, 1.05, 106)
@@ -425,8 +415,6 @@ def plot(result: dict[str, Any], names: Sequence[str], path: Path) -> Path:
             curves.append(np.where(np.isfinite(vals), vals, np.nan))
         arr = np.array(curves)
         with np.errstate(all="ignore"):
-            import warnings
-
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 mean = np.nanmean(arr, 0)
@@ -458,8 +446,6 @@ def with_study_costs(banks: dict[str, dict[str, Any]], spec: Any) -> None:
     measure its curves with little noise; a study evaluates its 9:1 split, where one
     pass over the validation images costs about 1/27 of an epoch, not 1/3.
     """
-    from cifar_hpo.study.pruning import eval_cost
-
     cost = eval_cost(spec.data.val_fraction)
     for bank in banks.values():
         for cfg in bank["configs"]:
@@ -468,23 +454,21 @@ def with_study_costs(banks: dict[str, dict[str, Any]], spec: Any) -> None:
 
 def load_banks(paths: Sequence[Path]) -> dict[str, dict[str, Any]]:
     """Banks by design."""
-    from cifar_hpo.bench.curves import read_bank
-
     return {b["header"]["design"]: b for b in (read_bank(p) for p in paths)}
 
 
 def main(args: argparse.Namespace) -> int:
     """Record the default banks if needed, replay the rules, print the table (and JSON for our default)."""
-    from cifar_hpo.bench import curves, emit
-    from cifar_hpo.study.spec import load_spec
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = load_spec(args.study)
     if args.bank:
         paths = [Path(p) for p in args.bank]
     else:
-        rec = argparse.Namespace(**{**vars(args), "designs": ",".join(curves.DESIGNS)})
-        paths = curves.bank_paths(rec) if args.no_record else curves.ensure(rec)
+        images = BankImages(train_images=args.train_images, val_images=args.val_images, source=args.data,
+                            data_dir=args.data_dir, cache_dir=args.cache_dir, device=args.device)  # fmt: skip
+        options = BankOptions(study=args.study, designs=tuple(curves.DESIGNS), configs=args.configs, epochs=args.epochs,
+                              seed=args.seed, images=images, bank_dir=args.bank_dir)  # fmt: skip
+        paths = curves.bank_paths(options) if args.no_record else curves.ensure(options)
     banks = load_banks(paths)
     with_study_costs(banks, spec)
     started = time.time()
@@ -548,8 +532,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"figure {path}")
     print(f"replay: {seconds:.1f} s")
     if args.json:
-        import json
-
         print(json.dumps(out, sort_keys=True))
     else:
         emit({k: v for k, v in out.items() if not isinstance(v, dict | list)}, False)

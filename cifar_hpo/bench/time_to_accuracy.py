@@ -32,7 +32,11 @@ from typing import Any
 
 import torch
 
+from cifar_hpo import data, models
+from cifar_hpo.bench import emit
+from cifar_hpo.device import cpu_threads, resolve_device
 from cifar_hpo.errors import UserError
+from cifar_hpo.training import EpochResult, StopTraining, evaluate, train
 
 # fast_cnn's light network: half width, stride-2 whitening stem (a quarter of the pixels
 # after the stem): ~16x fewer FLOPs than the full network, ~73% test after 2 CPU epochs.
@@ -56,11 +60,6 @@ def plan(device_type: str, target: float) -> tuple[int, bool]:
 
 def main(args: argparse.Namespace) -> int:
     """Train fast_cnn until --target test accuracy; print seconds and accuracy (exit 1 if a seed missed it)."""
-    from cifar_hpo import data
-    from cifar_hpo.bench import emit
-    from cifar_hpo.device import cpu_threads, resolve_device
-    from cifar_hpo.models import params_for
-
     if args.seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {args.seeds}")
     if args.epochs is not None and args.epochs < 1:
@@ -70,7 +69,7 @@ def main(args: argparse.Namespace) -> int:
     overrides = list(args.set)
     if light and args.epochs is None:
         overrides = [f"arch.{k}={v}" for k, v in LIGHT_ARCH.items()] + overrides  # --set still wins
-    params = params_for("fast_cnn", overrides, device)
+    params = models.params_for("fast_cnn", overrides, device)
     epochs = args.epochs or epochs
     ds = data.load_dataset(args.data, data_dir=args.data_dir, cache_dir=args.cache_dir)
     split = data.split_dataset(ds)
@@ -122,15 +121,12 @@ def main(args: argparse.Namespace) -> int:
 
 def _one_run(ds: Any, split: Any, params: Any, device: torch.device, epochs: int, seed: int, target: float) -> dict[str, Any]:
     """One timed run: seconds until ``target`` (or the whole run), accuracy then and at the last epoch."""
-    from cifar_hpo import data
-    from cifar_hpo.models import build, count_params
-    from cifar_hpo.training.loop import EpochResult, StopTraining, evaluate, train
-
     t0 = time.perf_counter()
     dd = data.final_data(ds, split, device)
     torch.manual_seed(seed)
-    model = build(params, dd.num_classes)
-    tta = getattr(model, "tta", None)  # train evaluates epochs before the last with one pass (module docstring)
+    model = models.build(params, dd.num_classes)
+    levels = models.get(params.model).capabilities.tta_levels
+    tta = model.tta if levels else None  # train evaluates epochs before the last with one pass (module docstring)
     reached: dict[str, Any] = {}
 
     def on_epoch(r: EpochResult, _snapshot: Callable[[], dict[str, Any]]) -> None:
@@ -151,7 +147,7 @@ def _one_run(ds: Any, split: Any, params: Any, device: torch.device, epochs: int
     done = history.epochs
     by_tta = {}
     if tta is not None and done:  # after the clock: the last model at each test-time augmentation level
-        for level in (0, 1, 2):
+        for level in levels:
             model.tta = level  # type: ignore[assignment]
             by_tta[str(level)] = evaluate(model, dd.eval_x, dd.eval_y, mean=dd.mean, std=dd.std, precision=params.precision).acc
         model.tta = tta  # type: ignore[assignment]
@@ -169,6 +165,6 @@ def _one_run(ds: Any, split: Any, params: Any, device: torch.device, epochs: int
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "train_images": len(dd.train_y),
         "test_images": len(dd.eval_y),
-        "params_count": count_params(model),
+        "params_count": models.count_params(model),
         "images_per_s": statistics.fmean(e.images_per_s for e in done) if done else 0.0,
     }

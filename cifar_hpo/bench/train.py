@@ -19,15 +19,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from cifar_hpo.bench import emit
+from cifar_hpo.device import cpu_threads, resolve_device
+from cifar_hpo.errors import UserError
+from cifar_hpo.models import MODELS, build, default_params
+from cifar_hpo.training.optim import make_optimizer
+from cifar_hpo.training.precision import autocast, use_channels_last
+
 WARMUP_STEPS = 3  # first steps pay for allocator growth and oneDNN/cuDNN kernel selection
 
 
 def measure(name: str, device: torch.device, batch_size: int, steps: int, precision: str) -> float:
     """Training images/s of model ``name`` on ``device`` with synthetic batches."""
-    from cifar_hpo.models import MODELS, build, default_params
-    from cifar_hpo.training.optim import make_optimizer
-    from cifar_hpo.training.precision import autocast, use_channels_last
-
     base = default_params(name, device)
     arch = {**base.arch, "upsample": 0} if "upsample" in MODELS[name].arch_keys else base.arch  # 32x32, no upsampling
     params = base.replace(pretrained=False, precision=precision, arch=arch)
@@ -65,11 +68,6 @@ def measure(name: str, device: torch.device, batch_size: int, steps: int, precis
 
 def main(args: argparse.Namespace) -> int:
     """Print training images/s per model and precision; with --json, one JSON object last."""
-    from cifar_hpo.bench import emit
-    from cifar_hpo.device import cpu_threads, resolve_device
-    from cifar_hpo.errors import UserError
-    from cifar_hpo.models import MODELS
-
     device = resolve_device(args.device)
     names = [n.strip() for n in args.models.split(",")] if args.models else list(MODELS)
     unknown = [n for n in names if n not in MODELS]

@@ -91,9 +91,9 @@ def draw_samples(images: np.ndarray, classes: tuple[str, ...], path: Path) -> Pa
 
 def draw_augmentations(images: np.ndarray, classes: tuple[str, ...], seed: int, path: Path) -> Path:
     """The same images augmented at each of STRENGTHS (all ops on), one column block per strength."""
-    import torch
+    import torch  # only this drawing needs torch
 
-    from cifar_hpo.training import augment
+    from cifar_hpo.training import augment  # imports torch
 
     rows, cols = images.shape[:2]
     batch = torch.from_numpy(images.reshape(rows * cols, *images.shape[2:])).permute(0, 3, 1, 2).contiguous()

@@ -26,18 +26,15 @@ from cifar_hpo.deploy.export import (
 from cifar_hpo.errors import UserError, first_line
 from cifar_hpo.models.final import FINAL_NAME, deployed, final_path, load_final
 from cifar_hpo.storage import checkpoint
+from cifar_hpo.study.spec import check_study_name, load_spec
 
 
 def main(args: argparse.Namespace) -> int:
     """``cifar-hpo export``."""
     name = args.study
     if name.endswith(".toml"):  # a study file: its study name may differ from the file name
-        from cifar_hpo.study.spec import load_spec
-
         name = load_spec(name).name
     else:
-        from cifar_hpo.study.spec import check_study_name
-
         check_study_name(name, "--study")  # a folder under --results, never a path out of it
     src = final_path(args.results, name)
     if not src.is_file():

@@ -4,12 +4,8 @@
     cifar-hpo run --study fast --trials 20 --workers 2 --data ../shared/data/cifar10-jpeg.tar.gz
     cifar-hpo run --study fast --storage postgresql://me@db-host/hpo     # on every machine
 
-``--trials N`` means the study ends with N finished (complete + pruned)
-trials: after an interruption the same command finishes the remainder.
-Failed trials do not count; five failures in a row stop the run with the
-last reason. Several workers (processes here, or machines on one database)
-never run more than N: a trial started beyond the count fails at once with
-the reason "surplus" and runs nothing.
+What ``--trials N`` counts, surplus trials and failures in a row: `cifar_hpo.study.worker`;
+``--workers``: `cifar_hpo.study.supervisor`.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 
 from cifar_hpo import storage
 from cifar_hpo.errors import UserError
+from cifar_hpo.storage import record
 
 
 def study_rows(st: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
@@ -52,7 +53,7 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
                 "epochs": len(t.intermediate_values),
                 "seconds": seconds,
                 "params": t.params,
-                "note": t.user_attrs.get("fail_reason", ""),
+                "note": record.read(t).fail_note(missing=""),
             }
         )
     return rows

@@ -50,7 +50,7 @@ def _write_cache(cache: Path, key: str, arrays: Arrays) -> None:
     Two processes decoding the same source at once both write; readers see one whole file or the
     other. Temp files of a decoder that was killed are deleted first (they can be gigabytes).
     """
-    from cifar_hpo.storage.checkpoint import atomic_write, remove_stale_tmp
+    from cifar_hpo.storage.checkpoint import atomic_write, remove_stale_tmp  # imports torch: decoding workers start without it
 
     if cache.parent.is_dir():
         remove_stale_tmp(cache.parent)

@@ -17,6 +17,7 @@ import numpy as np
 from cifar_hpo.data.cache import _cache_file, _read_cache, _source_key, _write_cache
 from cifar_hpo.data.decode import Arrays, _decode_archive, _decode_folder, _load_batches
 from cifar_hpo.data.sources import resolve_source
+from cifar_hpo.device import resolve_device
 from cifar_hpo.errors import UserError
 
 if TYPE_CHECKING:  # torch is imported lazily: decoding workers must start fast
@@ -232,8 +233,6 @@ def study_data(
     (`trial_data`); ``final=True`` gives train + validation / test
     (`final_data`), for the final evaluation only.
     """
-    from cifar_hpo.device import resolve_device
-
     on = resolve_device(device)
     ds = load_dataset(source, data_dir=data_dir, cache_dir=cache_dir)
     split = split_dataset(ds, val_fraction=val_fraction, seed=split_seed, subset=subset)

@@ -156,7 +156,7 @@ def check_images(final: dict[str, Any], source: str | None, cache_dir: Path | No
     Raises:
         UserError: the data cannot be loaded (the message names the source and ``--data``).
     """
-    from cifar_hpo import data
+    from cifar_hpo import data  # only when test images are needed: an export without them never decodes anything
 
     src = source or final["data"]["source"]
     try:

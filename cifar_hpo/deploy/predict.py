@@ -165,7 +165,7 @@ def load_checkpoint(path: Path) -> Predictor:
     """final.pt: the network rebuilt from its parameters, normalization and softmax folded in."""
     import torch
 
-    from cifar_hpo.models.final import deployed, load_final
+    from cifar_hpo.models.final import deployed, load_final  # torch: the ONNX path never imports it
 
     final = load_final(path)
     module = deployed(final)

@@ -3,7 +3,7 @@
     from cifar_hpo.models.final import build_model, load_final
     model = build_model(load_final(Path("results/fast/final.pt")))   # eval mode, CPU
 
-``cifar-hpo retrain`` writes the file (`cifar_hpo.retrain`); export, predict and
+``cifar-hpo retrain`` writes the file (`cifar_hpo.study.retrain`); export, predict and
 report read it through this module only. The file is a plain dict (see
 `FINAL_KEYS`) of builtin values and tensors, loadable with
 ``torch.load(weights_only=True)``; the weights are under ``model_state``, the
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from cifar_hpo.errors import UserError
+from cifar_hpo.models.registry import build
 from cifar_hpo.params import TrialParams
 from cifar_hpo.storage import checkpoint
 
@@ -124,10 +125,8 @@ def build_model(final: dict[str, Any]) -> torch.nn.Module:
     Raises:
         UserError: the weights do not fit the model the checkpoint names.
     """
-    from cifar_hpo import models
-
     params = TrialParams.from_dict(final["params"]).replace(pretrained=False)
-    model = models.build(params, int(final["num_classes"]))
+    model = build(params, int(final["num_classes"]))
     try:
         model.load_state_dict(final["model_state"])
     except RuntimeError as e:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -32,6 +32,40 @@ if TYPE_CHECKING:
 DEVICE_KINDS = ("cpu", "gpu")  # the recipe kinds; a study file picks one (`recipe = "cpu"`)
 
 
+class DataInit(Protocol):
+    """A model declaring ``Capabilities.init_from_data``: its first layers are set from the data."""
+
+    def init_from_data(self, x: torch.Tensor) -> None:
+        """Initialise from ``x``: a few thousand normalized training images (N, 3, H, W)."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What training asks of a built model beyond ``forward``: declared here, never probed for.
+
+    A module built for an entry must offer exactly what the entry declares (the
+    registry-wide test in tests/test_models.py checks every entry); a wrapper around
+    it must offer the same.
+
+    Attributes:
+        init_from_data: the module has ``init_from_data(x)`` (`DataInit`); `training.train`
+            calls it once, before the first step of a fresh run (not on resume), with up to
+            ``training.loop.DATA_INIT_IMAGES`` evenly spaced normalized training images.
+        tta_levels: the levels the module's int ``tta`` attribute (test-time augmentation
+            in eval mode) takes, 0 being one plain pass; empty: the module has no ``tta``.
+            Training evaluates the epochs before a run's last at level 0, the last at the
+            module's own level.
+    """
+
+    init_from_data: bool = False
+    tta_levels: tuple[int, ...] = ()
+
+    @property
+    def tta(self) -> bool:
+        """Whether the module has a ``tta`` attribute (`tta_levels` is not empty)."""
+        return bool(self.tta_levels)
+
+
 @dataclass(frozen=True)
 class Model:
     """Everything the project knows about one model: the one place to add one.
@@ -47,12 +81,16 @@ class Model:
         recipes: the default training recipe per device kind (`DEVICE_KINDS`), used by
             ``cifar-hpo train``, ``retrain --default-params``, the report's baseline and
             the search spaces that search around it.
+        capabilities: what training asks of the built module besides ``forward``
+            (`Capabilities`: data-dependent initialisation, test-time augmentation
+            levels); the default: nothing.
     """
 
     build: Callable[[TrialParams, int], nn.Module]
     arch_keys: frozenset[str]
     recipes: dict[str, TrialParams]
     stages: tuple[tuple[str, ...], ...] = ()
+    capabilities: Capabilities = Capabilities()
 
 
 def _same_on_both(params: TrialParams) -> dict[str, TrialParams]:
@@ -77,12 +115,13 @@ def _from_scratch_recipe(model: str) -> TrialParams:
 # the steps then a linear decay; lookahead averaging; label smoothing 0.2; 2 px translation
 # and flips; mirror + translate test-time augmentation. The CPU recipe is the same network
 # at batch 256, the fastest per image on a 2-core CPU (batch 1024 ran 35% slower), in bf16
-# autocast (AMX/AVX-512 bf16: ~1.7x fp32). Measured: README's time-to-accuracy table.
+# autocast where the CPU has AMX, fp32 elsewhere (precision "auto"; the measurements are in
+# device.cpu_has_amx). Measured: README's time-to-accuracy table.
 _FAST_CNN = TrialParams(
     model="fast_cnn", lr=0.375, batch_size=256, optimizer="sgd", momentum=0.85, weight_decay=1.33e-3,
     schedule="onecycle", warmup_frac=0.23, label_smoothing=0.2, aug_strength=0.5, aug_ops=("translate", "flip"),
     alt_flip=True, norm_lr_scale=64.0, lookahead=True, arch={"width": 1.0, "stem_stride": 1, "tta": 2, "bn_momentum": 0.4},
-    precision="auto",  # bf16 autocast where it pays: CUDA, CPUs with AMX (train._use_bf16)
+    precision="auto",  # bf16 autocast where it pays: CUDA, CPUs with AMX (training.precision.use_bf16)
 )  # fmt: skip
 
 
@@ -126,6 +165,8 @@ MODELS: dict[str, Model] = {
             "cpu": _FAST_CNN,
             "gpu": _FAST_CNN.replace(lr=1.5, batch_size=1024, precision="auto"),
         },
+        # FastCNN.init_from_data whitens 2x2 patches; FastCNN.tta: 0 none, 1 mirror, 2 mirror + translate.
+        capabilities=Capabilities(init_from_data=True, tta_levels=(0, 1, 2)),
     ),
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -286,8 +287,6 @@ def study_pruning_data(study: optuna.Study) -> dict[str, Any]:
     """
     from optuna.trial import TrialState
 
-    from cifar_hpo.bench.search import spearman
-
     done = [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     done.sort(key=lambda t: (t.datetime_complete is None, t.datetime_complete or 0, t.number))
     epochs, best, points = 0, None, []
@@ -322,3 +321,22 @@ def pruning_line(data: dict[str, Any]) -> str:
               "or use fidelity = \"probe\"")  # fmt: skip
     return (f"{name}: pruning: rank correlation (Spearman) of the accuracy at the rungs with the final accuracy, "
             f"over {data['complete']} completed trials: {shown}; {advice}")
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation (average ranks for ties); nan when either side is constant."""
+    ra, rb = _ranks(np.asarray(a, float)), _ranks(np.asarray(b, float))
+    if len(ra) < 2 or ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x), dtype=float)
+    for v in np.unique(x):  # average the ranks of ties
+        tie = x == v
+        if tie.sum() > 1:
+            ranks[tie] = ranks[tie].mean()
+    return ranks

@@ -196,9 +196,7 @@ def draw_intermediate(data: dict[str, Any], path: Path) -> Path:
 
 def draw_pruning(data: dict[str, Any], path: Any) -> Any:
     """Best validation accuracy vs epochs consumed; pruned trials marked where they stopped."""
-    from cifar_hpo.plots import pyplot
-
-    plt = pyplot()
+    plt = _plt()
 
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
     pts = [p for p in data["points"] if p["best"] is not None]

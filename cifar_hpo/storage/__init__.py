@@ -7,6 +7,7 @@
 - `sqlite`: creating and checking an SQLite file (WAL, busy timeout, BEGIN IMMEDIATE).
 - `heartbeat`: the storage class whose stale trials are failed and re-queued exactly once.
 - `database`: ``open_storage`` / ``open_existing``, one user-facing line for every failure.
+- `record`: the trial record: every attribute a trial writes (typed), its fail kinds, one writer and one reader.
 - `artifacts`: Optuna's artifact store beside the database, atomic and owner-only.
 - `checkpoint`: atomic file writes and size-bounded, weights-only loads (imports torch: not re-exported).
 - `optuna_compat`: every private Optuna name this project relies on, each tested.

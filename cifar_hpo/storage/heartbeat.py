@@ -12,7 +12,7 @@ import sqlalchemy.event
 import sqlalchemy.exc
 from optuna.trial import TrialState
 
-from cifar_hpo.storage import optuna_compat
+from cifar_hpo.storage import optuna_compat, record
 from cifar_hpo.storage.connection import lost_connection, quiet_experimental
 
 # Seconds between heartbeats, and silence after which a RUNNING trial is stale.
@@ -110,10 +110,10 @@ class HeartbeatStorage(optuna.storages.RDBStorage):
         for tid in stale + orphans:
             # Said before Optuna fails it (a finished trial's attributes cannot change), so that the FAIL
             # has a reason in `status` and the dashboard instead of an empty one.
-            why = (f"stale: no heartbeat for {GRACE_PERIOD}s (its worker was killed, or lost the database); retried"
-                   if tid in stale else f"stale: no heartbeat at all in {ORPHAN_S:g}s since it started; retried")  # fmt: skip
+            why = (f"no heartbeat for {GRACE_PERIOD}s (its worker was killed, or lost the database); retried"
+                   if tid in stale else f"no heartbeat at all in {ORPHAN_S:g}s since it started; retried")  # fmt: skip
             try:
-                self.set_trial_user_attr(tid, "fail_reason", why)
+                record.write_failure((self, tid), record.FailKind.STALE, why)
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue  # finished meanwhile: not stale after all
             marked.append(tid)
@@ -140,7 +140,7 @@ class HeartbeatStorage(optuna.storages.RDBStorage):
         retried = {(t.system_attrs.get("retry_history") or [None])[-1] for t in trials}
         for t in trials:
             if (t.state == TrialState.FAIL and t.number not in retried
-                    and str(t.user_attrs.get("fail_reason", "")).startswith("stale")
+                    and record.read(t).fail_kind is record.FailKind.STALE
                     and len(t.system_attrs.get("retry_history") or []) + 1 <= MAX_RETRY
                     and t.datetime_complete is not None and t.datetime_complete.astimezone(UTC) < cutoff):  # fmt: skip
                 callback(optuna.load_study(study_name=self.get_study_name_from_id(study_id), storage=self), t)

@@ -1,4 +1,4 @@
-"""Create a study in its database, or check that the existing one is the same study; its sampler and pruner.
+"""Create a study in its database, or check that the existing one is the same study; its sampler (its pruner: `pruning.make_pruner`).
 
     study = open_study(spec, url, data.split_hash, st)   # `cifar-hpo run` before any worker starts
 """
@@ -13,6 +13,7 @@ import optuna
 
 from cifar_hpo import storage
 from cifar_hpo.errors import UserError
+from cifar_hpo.study.pruning import make_pruner
 from cifar_hpo.study.spec import StudySpec
 
 
@@ -40,24 +41,6 @@ def make_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
             constant_liar=True,  # parallel workers: running trials count as bad, so they spread out
             seed=seed,
         )
-
-
-def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
-    """The spec's pruner; resources are epochs."""
-    p = spec.pruner
-    if p.kind == "rung_top_k":
-        from cifar_hpo.study.pruning import make_pruner as ours
-
-        return ours(p.kind, min_resource=p.min_resource, reduction_factor=p.reduction_factor, epochs=spec.epochs, keep=p.keep)
-    if p.kind == "hyperband":
-        return optuna.pruners.HyperbandPruner(
-            min_resource=p.min_resource, max_resource=spec.epochs, reduction_factor=p.reduction_factor
-        )
-    if p.kind == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=p.min_resource, reduction_factor=p.reduction_factor)
-    if p.kind == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
-    return optuna.pruners.NopPruner()
 
 
 def split_attrs(spec: StudySpec, split_hash: str) -> dict[str, Any]:

@@ -17,6 +17,8 @@ from typing import Any
 
 import optuna
 
+from cifar_hpo.storage import quiet_experimental
+from cifar_hpo.study import pruning
 from cifar_hpo.study.search_space import default_recipe, load_search_space
 from cifar_hpo.study.spec import StudySpec
 
@@ -88,13 +90,11 @@ def _sampler_words(spec: StudySpec) -> str:
     return s.kind
 
 
-def _pruner_words(spec: StudySpec) -> str:
-    p = spec.pruner
-    if p.kind in ("hyperband", "successive_halving"):
-        return f"{p.kind.replace('_', ' ')} on epochs (at least {p.min_resource} epoch(s) per trial, keeps 1/{p.reduction_factor} per rung)"
-    if p.kind == "median":
-        return f"median (never in the first {p.n_startup_trials} trials nor before epoch {p.n_warmup_steps + 1})"
-    return "none (every trial trains all its epochs)"
+def _metric_words(spec: StudySpec) -> str:
+    """What a trial reports and returns; what its rungs compare only where that is not the plain accuracy."""
+    rungs = pruning.rung_value_words(spec)
+    return (f"accuracy on the validation split (fraction 0..1) after each epoch{f' ({rungs})' if rungs else ''}; "
+            "the trial's value is its best epoch's. Maximized.")  # fmt: skip
 
 
 def study_note(spec: StudySpec, split_hash: str, counts: tuple[int, int] | None = None) -> str:
@@ -112,12 +112,11 @@ def study_note(spec: StudySpec, split_hash: str, counts: tuple[int, int] | None 
 
 {spec.description.strip()}
 
-**Metric `{METRIC}`**: accuracy on the validation split (fraction 0..1) after each epoch (at probe
-epochs, the accuracy of the short cooldown probe the pruner ranks on); the trial's value is its best epoch's. Maximized.
+**Metric `{METRIC}`**: {_metric_words(spec)}
 The test split is never used by a trial.
 
 **Spec**: model `{spec.model}`, search space `{spec.search_space}` (`search_spaces/{spec.search_space}.py`), {spec.epochs} epochs
-per trial, {spec.trials} finished trials wanted, sampler {_sampler_words(spec)}, pruner {_pruner_words(spec)}, seed {spec.seed}.
+per trial, {spec.trials} finished trials wanted, sampler {_sampler_words(spec)}, pruner {pruning.pruner_words(spec)}, seed {spec.seed}.
 
 **Data split**: `{d.source}`{subset}; {100 * d.val_fraction:g} % of the training images held out for validation,
 stratified, split seed {d.split_seed}{images}. Split hash `{split_hash}` (every trial records it).
@@ -134,8 +133,6 @@ User attributes hold images/s, peak memory, parameter count, device and library 
 
 def describe_study(study: optuna.Study, spec: StudySpec, split_hash: str, counts: tuple[int, int] | None = None) -> None:
     """Name the metric and write the study note (only when the study has none yet)."""
-    from cifar_hpo.storage import quiet_experimental
-
     with quiet_experimental():  # metric names are experimental in Optuna
         if study.metric_names != [METRIC]:
             study.set_metric_names([METRIC])

@@ -2,7 +2,7 @@
 
 One ``Context`` is built per worker process (data already on the device);
 ``objective(trial, ctx)`` runs one trial. A trial that raises is recorded as
-FAIL with its reason in the user attribute ``fail_reason``; a non-finite loss
+FAIL with its reason in the user attribute ``fail_reason`` (`storage.record`); a non-finite loss
 fails the trial (never a NaN score). A trial interrupted by Ctrl-C or SIGTERM
 is failed and re-queued with the same parameters, and its retry (like the
 retry of a trial whose worker was killed) resumes from the last snapshot.
@@ -25,13 +25,12 @@ from typing import Any
 import optuna
 import torch
 
-from cifar_hpo import models, storage, training
+from cifar_hpo import models, plots, storage, training
 from cifar_hpo.device import device_name, library_versions
 from cifar_hpo.errors import UserError
 from cifar_hpo.params import TrialParams
-from cifar_hpo.storage import checkpoint, optuna_compat
+from cifar_hpo.storage import checkpoint, optuna_compat, record
 from cifar_hpo.study import pruning
-from cifar_hpo.study.search_space import suggest_params
 from cifar_hpo.study.spec import StudySpec
 
 KEEP_BEST = 3  # a completed trial writes its checkpoint when it is among this many best so far
@@ -90,25 +89,22 @@ def objective(trial: optuna.Trial, ctx: Context) -> float:
     n_done = finished_count(trial.study)
     model: torch.nn.Module | None = None
     try:
-        params = pruning.trial_params(ctx.spec, suggest_params(ctx.spec, trial))  # the fidelity may set the schedule
-        trial.set_user_attr("trial_params", params.to_dict())
-        trial.set_user_attr("seed", seed)
-        trial.set_user_attr("split_hash", ctx.data.split_hash)
-        trial.set_user_attr("device", device_name(ctx.data.device))
-        trial.set_user_attr("versions", library_versions())
+        params = pruning.trained_params(ctx.spec, trial)  # the fidelity may set the schedule; retrain replays the same
+        record.write_start(trial, trial_params=params.to_dict(), seed=seed, split_hash=ctx.data.split_hash,
+                           device=device_name(ctx.data.device), versions=library_versions())  # fmt: skip
         torch.manual_seed(seed)
         model = models.build(params, ctx.data.num_classes).to(ctx.data.device)
-        trial.set_user_attr("params_count", sum(p.numel() for p in model.parameters()))
+        record.write_params_count(trial, sum(p.numel() for p in model.parameters()))
         identity = snapshot_identity(trial, ctx, lineage)
         resume = _own_snapshot(last, identity, ctx) if root is not None else None
         if resume is None and folder.exists():
             shutil.rmtree(folder, ignore_errors=True)  # another study's, another split's, or an unusable snapshot
         if root is not None:
-            trial.set_user_attr("fail_reason", None)  # copied from the failed original; this retry has not failed
+            record.clear_failure(trial)  # copied from the failed original; this retry has not failed
         # A retry inherits its original's reports; a retry without a snapshot re-trains those epochs.
         reported = set(trial.storage.get_trial(optuna_compat.trial_id(trial)).intermediate_values)
         if resume is not None:
-            trial.set_user_attr("resumed_from_epoch", int(resume["epoch"]))
+            record.write_resumed(trial, int(resume["epoch"]))
             ctx.log(f"trial {trial.number}: resuming trial {lineage} from epoch {int(resume['epoch'])}")
         best: dict[str, Any] = {"acc": -1.0, "state": None, "epoch": 0}
         last_snapshot = [time.time()]
@@ -146,12 +142,11 @@ def objective(trial: optuna.Trial, ctx: Context) -> float:
     except optuna.TrialPruned:
         raise
     except KeyboardInterrupt:
-        trial.set_user_attr("fail_reason", "interrupted (Ctrl-C or SIGTERM); re-queued to resume from its last snapshot")
+        record.write_failure(trial, record.FailKind.INTERRUPTED, "(Ctrl-C or SIGTERM); re-queued to resume from its last snapshot")
         storage.requeue_interrupted(trial.study, trial.number)
         raise
     except Exception as e:
-        reason = f"{type(e).__name__}: {e}".strip().splitlines()[0][:500]
-        trial.set_user_attr("fail_reason", reason)
+        reason = record.write_exception(trial, e)
         ctx.log(f"trial {trial.number} failed: {reason}")
         shutil.rmtree(folder, ignore_errors=True)
         if isinstance(e, torch.cuda.OutOfMemoryError):
@@ -199,20 +194,19 @@ def _free_device_memory() -> None:
 
 def _record(trial: optuna.Trial, ctx: Context, started: float, history: Any, best: dict[str, Any]) -> None:
     """Per-trial attributes and the learning-curve artifact (also for pruned trials)."""
-    from cifar_hpo import plots
 
-    epochs = [dict(e.__dict__) for e in history.epochs] if history is not None else None
-    if epochs is None:
+    images_per_s = peak_mem_mb = status = None  # not known for a pruned trial
+    if history is None:
         # Pruned: the history is not returned; rebuild the curve from the reports.
         reports = trial.storage.get_trial(optuna_compat.trial_id(trial)).intermediate_values
         epochs = [{"epoch": k, "val_acc": v} for k, v in sorted(reports.items())]
     else:
-        trial.set_user_attr("images_per_s", float(sum(e["images_per_s"] for e in epochs) / max(1, len(epochs))))
-        trial.set_user_attr("peak_mem_mb", float(max((e["peak_mem_mb"] for e in epochs), default=0.0)))
-        trial.set_user_attr("status", history.status)
-    trial.set_user_attr("epochs_run", len(epochs))
-    trial.set_user_attr("best_epoch", best["epoch"])
-    trial.set_user_attr("wall_s", round(time.time() - started, 2))
+        epochs = [dict(e.__dict__) for e in history.epochs]
+        images_per_s = sum(e["images_per_s"] for e in epochs) / max(1, len(epochs))
+        peak_mem_mb = max((e["peak_mem_mb"] for e in epochs), default=0.0)
+        status = history.status
+    record.write_result(trial, epochs_run=len(epochs), best_epoch=best["epoch"], wall_s=round(time.time() - started, 2),
+                        images_per_s=images_per_s, peak_mem_mb=peak_mem_mb, status=status)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         png = plots.learning_curve(epochs, Path(tmp) / f"trial-{trial.number}-curve.png", title=f"{ctx.spec.name} trial {trial.number}")
         optuna.artifacts.upload_artifact(artifact_store=ctx.store, file_path=str(png), study_or_trial=trial, mimetype="image/png")
@@ -235,7 +229,7 @@ def _keep_checkpoint(trial: optuna.Trial, ctx: Context, params: TrialParams, bes
         path = Path(tmp) / f"trial-{trial.number}-best.pt"
         _save_best(path, params, best, ctx)
         artifact_id = optuna.artifacts.upload_artifact(artifact_store=ctx.store, file_path=str(path), study_or_trial=trial)
-    trial.set_user_attr("checkpoint_artifact_id", artifact_id)
+    record.write_checkpoint(trial, artifact_id)
 
 
 def _save_best(path: Path, params: TrialParams, best: dict[str, Any], ctx: Context) -> None:

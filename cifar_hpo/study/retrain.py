@@ -58,8 +58,9 @@ from cifar_hpo.device import device_name, library_versions
 from cifar_hpo.errors import UserError
 from cifar_hpo.models.final import FORMAT, FORMAT_VERSION, INPUT_SIZE, plain
 from cifar_hpo.params import TrialParams
-from cifar_hpo.storage import checkpoint
-from cifar_hpo.study.search_space import default_recipe, suggest_params
+from cifar_hpo.storage import checkpoint, record
+from cifar_hpo.study import pruning
+from cifar_hpo.study.search_space import default_recipe
 from cifar_hpo.study.spec import DataSpec, StudySpec
 
 if TYPE_CHECKING:
@@ -148,20 +149,22 @@ def select_trial(study: optuna.Study, number: int | None) -> optuna.trial.Frozen
 
 
 def replay_params(spec: StudySpec, trial: optuna.trial.FrozenTrial) -> TrialParams:
-    """The trial's TrialParams, replayed through the search space with a FixedTrial.
+    """The trial's TrialParams, replayed with a FixedTrial through `pruning.trained_params`, as the objective built them.
 
-    The replay is checked against the ``trial_params`` user attribute the trial
-    stored. Where they differ (the search space was edited after the study ran),
-    the stored parameters win, since they are what the trial was scored with,
-    and a warning names the differing fields.
+    That is the search space's suggestion under the study's fidelity (the probe fidelity
+    trains the wsd schedule), the same function the objective calls. The replay is
+    checked against the ``trial_params`` user attribute the trial stored. Where
+    they differ (the search space was edited after the study ran), the stored
+    parameters win, since they are what the trial was scored with, and a warning
+    names the differing fields.
 
     Raises:
         UserError: the search space cannot replay the trial and no stored parameters exist.
     """
-    stored_raw = trial.user_attrs.get("trial_params")
+    stored_raw = record.read(trial).trial_params
     stored = TrialParams.from_dict(stored_raw) if stored_raw is not None else None
     try:
-        replayed = suggest_params(spec, optuna.trial.FixedTrial(dict(trial.params)))
+        replayed = pruning.trained_params(spec, optuna.trial.FixedTrial(dict(trial.params)))
     except UserError:
         raise
     except Exception as e:

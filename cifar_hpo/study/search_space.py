@@ -91,7 +91,7 @@ def default_recipe(spec: StudySpec) -> TrialParams:
     ``retrain --default-params`` trains it. The study file's ``[arch]`` options
     replace the recipe's.
     """
-    from cifar_hpo.models import default_params
+    from cifar_hpo.models import default_params  # torch: listing and loading search spaces does not need it
 
     recipe = default_params(spec.model, spec.recipe)
     return recipe.replace(arch={**recipe.arch, **spec.arch}) if spec.arch else recipe

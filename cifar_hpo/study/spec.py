@@ -37,13 +37,7 @@ if TYPE_CHECKING:
     pass
 
 
-SAMPLERS = ("tpe", "random")
-
-
-PRUNERS = ("hyperband", "successive_halving", "rung_top_k", "median", "none")
-
-
-FIDELITIES = ("plain", "probe", "ema")  # as cifar_hpo.pruners.FIDELITIES (kept import-free here)
+SAMPLERS = ("tpe", "random")  # pruner kinds and fidelities: cifar_hpo.study.pruning's PRUNERS and FIDELITIES
 
 
 @dataclass(frozen=True)
@@ -64,7 +58,7 @@ class PrunerSpec:
     reduction_factor: int = 4  # hyperband / successive halving: keep 1/rf per rung
     n_startup_trials: int = 5  # median: trials that are never pruned
     n_warmup_steps: int = 1  # median: epochs before pruning starts
-    # What a rung compares (cifar_hpo.pruners): "plain" accuracy, a "probe" (wsd schedule,
+    # What a rung compares (cifar_hpo.study.pruning): "plain" accuracy, a "probe" (wsd schedule,
     # cooldown branch at each rung) or an "ema" of the weights; plain measured best (docs/pruning.md).
     fidelity: str = "plain"
     keep: int = 1  # rung_top_k: a trial continues past a rung while fewer than this many did better there
@@ -243,6 +237,7 @@ def check_study_name(name: str, where: str = "study") -> str:
 
 def _validate(spec: StudySpec, where: str) -> None:
     from cifar_hpo.models import DEVICE_KINDS, MODELS  # torch import only when a spec is validated
+    from cifar_hpo.study import pruning  # likewise: optuna and torch only when a spec is validated
 
     check_study_name(spec.name, where)
     _check(spec.model in MODELS, where, "model", f"{spec.model!r} is unknown; valid: {', '.join(MODELS)}")
@@ -254,9 +249,9 @@ def _validate(spec: StudySpec, where: str) -> None:
     _check(spec.trials >= 1, where, "trials", f"must be >= 1, got {spec.trials}")
     _check(spec.direction == "maximize", where, "direction", "must be 'maximize' (the score is validation accuracy)")
     _check(spec.sampler.kind in SAMPLERS, where, "sampler.kind", f"must be one of {', '.join(SAMPLERS)}")
-    _check(spec.pruner.kind in PRUNERS, where, "pruner.kind", f"must be one of {', '.join(PRUNERS)}")
+    _check(spec.pruner.kind in pruning.PRUNERS, where, "pruner.kind", f"must be one of {', '.join(pruning.PRUNERS)}")
     _check(spec.pruner.min_resource >= 1, where, "pruner.min_resource", "must be >= 1")
-    _check(spec.pruner.fidelity in FIDELITIES, where, "pruner.fidelity", f"must be one of {', '.join(FIDELITIES)}")
+    _check(spec.pruner.fidelity in pruning.FIDELITIES, where, "pruner.fidelity", f"must be one of {', '.join(pruning.FIDELITIES)}")
     _check(spec.pruner.reduction_factor >= 2, where, "pruner.reduction_factor", "must be >= 2")
     _check(spec.pruner.keep >= 1, where, "pruner.keep", "must be >= 1")
     _check(0.0 < spec.data.val_fraction < 1.0, where, "data.val_fraction", "must be in (0, 1)")
@@ -303,7 +298,7 @@ def list_specs(studies_dir: Path | None = None) -> list[StudySpec]:
 
 def save_resolved(spec: StudySpec, folder: Path) -> Path:
     """Write the resolved spec beside the results (``spec.json``)."""
-    from cifar_hpo.storage.checkpoint import atomic_write_bytes
+    from cifar_hpo.storage.checkpoint import atomic_write_bytes  # imports torch; loading a spec does not need it
 
     path = folder / "spec.json"
     atomic_write_bytes(path, (json.dumps(spec.to_dict(), indent=2) + "\n").encode(), mode=0o644)

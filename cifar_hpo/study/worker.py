@@ -27,9 +27,10 @@ from optuna.trial import TrialState
 
 from cifar_hpo import data, storage
 from cifar_hpo.errors import UserError, caused_by, first_line
-from cifar_hpo.storage import optuna_compat
-from cifar_hpo.study.create import make_pruner, make_sampler, sampler_seed
+from cifar_hpo.storage import optuna_compat, record
+from cifar_hpo.study.create import make_sampler, sampler_seed
 from cifar_hpo.study.objective import Context, Interrupted, finished_count, objective
+from cifar_hpo.study.pruning import make_pruner
 from cifar_hpo.study.spec import StudySpec
 
 MAX_FAILS_IN_ROW = 5
@@ -135,12 +136,12 @@ def work(spec: StudySpec, url: str, results: Path, data: Any, *, st: optuna.stor
     def guarded(trial: optuna.Trial) -> float:
         ran.append(trial.number)
         try:
-            trial.set_user_attr("sampler_seed", seed)
+            record.write_sampler_seed(trial, seed)
             if _count_blocking(study, trial.number) >= spec.trials and storage.retried_trial_number(trial) is None:
-                trial.set_user_attr("fail_reason", "surplus: the study already had enough finished or running trials")
+                record.write_failure(trial, record.FailKind.SURPLUS, "the study already had enough finished or running trials")
                 raise SurplusTrial("surplus trial, nothing run")
             if (first := storage.earlier_retry(study, trial)) is not None:  # two workers re-queued one lost trial
-                trial.set_user_attr("fail_reason", f"surplus: a second retry of the same trial, #{first} is the retry")
+                record.write_failure(trial, record.FailKind.SURPLUS, f"a second retry of the same trial, #{first} is the retry")
                 raise SurplusTrial("duplicate retry, nothing run")
             try:
                 value = objective(trial, ctx)
@@ -188,11 +189,12 @@ def work(spec: StudySpec, url: str, results: Path, data: Any, *, st: optuna.stor
             continue
         last = next(t for t in study.get_trials(deepcopy=False) if t.number == ran[0])
         log(_trial_line(study, last))
-        if last.state == TrialState.FAIL and not str(last.user_attrs.get("fail_reason", "")).startswith("surplus"):
+        last_record = record.read(last)
+        if last.state == TrialState.FAIL and last_record.fail_kind is not record.FailKind.SURPLUS:  # a surplus trial ran nothing
             fails_in_row += 1
             if fails_in_row >= MAX_FAILS_IN_ROW:
                 raise UserError(
-                    f"{fails_in_row} trials in a row failed, last (#{last.number}): {last.user_attrs.get('fail_reason')}; "
+                    f"{fails_in_row} trials in a row failed, last (#{last.number}): {last_record.fail_reason}; "
                     f"fix the cause (search space {spec.search_space!r}, data, memory) and run again"
                 )
         else:
@@ -246,12 +248,13 @@ def _trial_line(study: optuna.Study, t: optuna.trial.FrozenTrial) -> str:
         best = f"best {study.best_value:.4f} (#{study.best_trial.number})"
     except ValueError:
         best = "no complete trial yet"
+    rec = record.read(t)
     if t.state == TrialState.COMPLETE:
         what = f"complete, val_acc {t.value:.4f}"
     elif t.state == TrialState.PRUNED:
-        what = f"pruned after {t.user_attrs.get('epochs_run', '?')} epochs"
+        what = f"pruned after {'?' if rec.epochs_run is None else rec.epochs_run} epochs"
     else:
-        what = f"FAILED: {t.user_attrs.get('fail_reason', 'see log')}"
+        what = f"FAILED: {rec.fail_note(missing='see log')}"
     return f"trial #{t.number} {what}; {done} finished, {best}"
 
 

@@ -47,7 +47,8 @@ def evaluate(
         x: uint8 (N, 3, H, W) images on the model's device; y: int64 (N,) labels.
         mean, std: per-channel normalization in [0, 1] units (the training data's).
         batch_size: images per forward pass.
-        precision: "fp32", "bf16" or "auto" (bf16 on CUDA), as in `TrialParams.precision`.
+        precision: "fp32", "bf16" or "auto" (bf16 on CUDA and on CPUs with AMX, fp32
+            elsewhere: `precision.use_bf16`), as in `TrialParams.precision`.
     """
     was_training = model.training
     model.eval()
@@ -78,23 +79,29 @@ def evaluate(
 
 
 @contextlib.contextmanager
-def single_pass_unless(model: nn.Module, last: bool) -> Iterator[None]:
+def single_pass_unless(model: nn.Module, last: bool, *, tta: bool) -> Iterator[None]:
     """Evaluate with one pass, not the model's test-time augmentation, unless ``last``.
 
-    A model with a ``tta`` level (fast_cnn) averages up to 6 passes per image in
-    eval mode; the run's epochs before its last are evaluated once per image
-    (they rank and prune trials, where TTA changes little and would cost several
-    times the evaluation), the last epoch with the model's own level.
+    A model with test-time augmentation (fast_cnn) averages up to 6 passes per
+    image in eval mode; the run's epochs before its last are evaluated once per
+    image (they rank and prune trials, where TTA changes little and would cost
+    several times the evaluation), the last epoch with the model's own level.
+
+    Args:
+        model: the model being evaluated.
+        last: the run's last epoch: evaluate with the model's own level.
+        tta: whether the model has a ``tta`` level attribute, as its registry entry
+            declares (``models.get(name).capabilities.tta``); False: nothing to switch.
     """
-    level = getattr(model, "tta", None)
-    if last or not level:
+    if last or not tta:
         yield
         return
+    level = model.tta
     model.tta = 0  # type: ignore[assignment]
     try:
         yield
     finally:
-        model.tta = level  # type: ignore[assignment]
+        model.tta = level
 
 
 def evaluate_with(model: nn.Module, state: dict[str, torch.Tensor], data: DeviceData, precision: str) -> float:

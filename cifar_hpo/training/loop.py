@@ -17,15 +17,16 @@ import dataclasses
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cifar_hpo import models
 from cifar_hpo.device import cpu_threads
 from cifar_hpo.errors import UserError
-from cifar_hpo.models import count_params
+from cifar_hpo.models.registry import DataInit
 from cifar_hpo.params import TrialParams
 from cifar_hpo.training import augment
 from cifar_hpo.training.evaluation import evaluate, evaluate_with, single_pass_unless
@@ -53,7 +54,7 @@ __all__ = ["EpochResult", "History", "StopTraining", "train", "rung_acc"]
 CUDA_FINITE_CHECK_EVERY = 25
 
 
-# Images used to initialise data-dependent first layers (fast_cnn's whitening).
+# Images passed to a model declaring `Capabilities.init_from_data` (fast_cnn's whitening).
 DATA_INIT_IMAGES = 5000
 
 
@@ -238,15 +239,20 @@ def train(
     The learning rate follows ``params.schedule`` per step over all
     ``epochs``; only parameters with ``requires_grad`` are optimized. Batches
     are augmented on the device by `augment.train_batches`. Convolutional
-    models train in channels_last. On CUDA: bf16 autocast (precision "auto"),
-    optional torch.compile. On a CPU: `cpu_threads()` threads, fp32 unless
-    precision is "bf16" (about 1.5-1.8x faster there, same accuracy). Seeded:
-    the same seed, data and model init give the same history and weights on
-    a CPU.
+    models train in channels_last. Precision (`precision.use_bf16`): "auto",
+    the default, is bf16 autocast on CUDA and on CPUs with AMX, fp32 on other
+    CPUs; "bf16" and "fp32" force one. On CUDA: optional torch.compile. On a
+    CPU: `cpu_threads()` threads. What the model offers besides ``forward`` is
+    asked of its registry entry (``models.get(params.model).capabilities``):
+    a data-dependent initialisation, called once before a fresh run's first
+    step; test-time augmentation, switched off for the evaluations before the
+    last epoch. Seeded: the same seed, data and model init give the same
+    history and weights on a CPU.
 
     Args:
         model: from `models.build` (its initial weights are the caller's, so seed
-            before building for a reproducible run).
+            before building for a reproducible run); a wrapper around one must offer
+            what ``params.model``'s `Capabilities` declare.
         data: training and evaluation tensors on the training device.
         params: the recipe (optimizer, lr, schedule, augmentation, precision, ...).
         epochs: total epochs of the run (a resumed run continues up to this).
@@ -275,6 +281,7 @@ def train(
     """
 
     device = data.device
+    capabilities = models.get(params.model).capabilities  # what the model offers training beyond forward
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads())
     torch.manual_seed(seed)  # dropout and any other global-RNG use
@@ -294,7 +301,7 @@ def train(
     steps_per_epoch = n // params.batch_size if drop_last else 1
     total_steps = max(1, epochs * steps_per_epoch)
     optimizer = make_optimizer(model, params)
-    history = History(params_count=count_params(model), device=str(device))
+    history = History(params_count=models.count_params(model), device=str(device))
     step, start_epoch, seconds_before = 0, 0, 0.0
     ema: dict[str, torch.Tensor] | None = None
     average: dict[str, torch.Tensor] | None = None  # lookahead's average of the weights
@@ -318,12 +325,10 @@ def train(
             ema = {k: v.to(device) for k, v in resume["ema"].items()}
         if resume.get("lookahead") is not None:
             average = {k: v.to(device) for k, v in resume["lookahead"].items()}
-    else:
-        init = getattr(model, "init_from_data", None)
-        if callable(init):
-            # Evenly spaced, not the first N: the images may be stored sorted by class.
-            idx = torch.linspace(0, n - 1, min(n, DATA_INIT_IMAGES), device=device).long()
-            init(augment.normalize(data.train_x[idx], data.mean, data.std))
+    elif capabilities.init_from_data:
+        # Evenly spaced, not the first N: the images may be stored sorted by class.
+        idx = torch.linspace(0, n - 1, min(n, DATA_INIT_IMAGES), device=device).long()
+        cast(DataInit, model).init_from_data(augment.normalize(data.train_x[idx], data.mean, data.std))
 
     forward: nn.Module = model
     if params.compile and device.type == "cuda":
@@ -383,7 +388,7 @@ def train(
         sync(device)
         train_seconds = time.perf_counter() - t0
         probe_acc, probe_steps, ema_acc = None, 0, None
-        with single_pass_unless(model, epoch == epochs):
+        with single_pass_unless(model, epoch == epochs, tta=capabilities.tta):
             # The eager model: a compiled one would recompile for eval mode and the ragged last batch.
             metrics = evaluate(model, data.eval_x, data.eval_y, mean=data.mean, std=data.std, precision=params.precision)
             if epoch in probe_epochs and epoch < epochs:

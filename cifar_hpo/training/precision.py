@@ -1,4 +1,9 @@
-"""Where training runs fast: bf16 autocast where it pays, channels_last for convolutions, device timing and memory."""
+"""Where training runs fast: bf16 autocast where it pays, channels_last for convolutions, device timing and memory.
+
+Precision (`TrialParams.precision`, see `use_bf16`): "auto", the default, is bf16
+autocast on CUDA and on CPUs with AMX, fp32 elsewhere (on a CPU without AMX bf16
+ran slower than fp32: `device.cpu_has_amx`); "bf16" and "fp32" force one.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ def use_bf16(device: torch.device, precision: str) -> bool:
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on ``device`` where `use_bf16` says so, else a context that changes nothing (fp32)."""
     if use_bf16(device, precision):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
