@@ -180,7 +180,16 @@ def _parser_bench(p: argparse.ArgumentParser) -> None:
     b.add_argument("--epochs", type=int, default=6, help="epochs per trial (default: 6)")
     b.add_argument("--seed", type=int, default=0, help="seed of the kill times, victims and sampler (default: 0)")
     b.add_argument("--restart-db", action="store_true", help="also restart the local PostgreSQL server once mid-study (root)")
+    b.add_argument("--repeat", type=int, default=1, help="run N studies (seeds SEED..SEED+N-1); report each and the totals (default: 1)")
     b.add_argument("--verbose", action="store_true", help="echo the study's output")
+    _add_json_flag(b)
+    b = sub.add_parser("device", help="run every CUDA path (gpu tests, training, data, time to accuracy, a study) on this "
+                       "machine's accelerator, or their short CPU versions; device.json + device.md")
+    b.add_argument("--data", default=None,
+                   help="data of the data, time-to-accuracy and study steps (default: ../shared/data/cifar10-jpeg.tar.gz, "
+                   "or shared/data/cifar10-jpeg.tar.gz, when it exists, else cifar10)")
+    b.add_argument("--out", type=Path, default=Path("results/device"),
+                   help="folder for device.json, device.md and one log per step (default: results/device)")
     _add_json_flag(b)
 
 
@@ -199,6 +208,12 @@ def _parser_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trials", type=int, default=None, help="the study ends with this many finished trials (default: study file)")
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default: 1)")
     p.add_argument("--timeout", type=float, default=None, help="stop starting new trials after this many seconds")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="fix a TrialParams field for every trial after the search space, e.g. --set pretrained=false "
+                   "(repeatable; recorded with the study, replayed by retrain)")
+    p.add_argument("--budget", default=None, metavar="DURATION",
+                   help="the study's compute budget, device time summed over all its trials, workers and machines, "
+                   "e.g. 90m, 2h, 1.5h; with --trials, whichever ends first (default: the study file's budget, else none)")
 
 
 def _parser_studies(p: argparse.ArgumentParser) -> None:

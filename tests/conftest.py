@@ -7,6 +7,7 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -79,6 +80,24 @@ def study_toml(*, name: str | None = None, epochs: int = 2, trials: int = 2, pru
         '[sampler]\nkind = "random"\n'
         f'[pruner]\nkind = "{pruner}"\nmin_resource = 1\nreduction_factor = 2\nn_startup_trials = 2\nn_warmup_steps = 1\n'
     )
+
+
+def retrained_demo(root: Path, *, n_train: int, n_test: int) -> SimpleNamespace:
+    """A final.pt: ``retrain --default-params`` of a 1-epoch baseline_cnn study "demo" on a small synthetic folder.
+
+    Returns root, folder (the images), results, final (its final.pt) and image (one test image).
+    """
+    from cifar_hpo import cli
+
+    folder = make_image_folder(root / "imgs", n_train=n_train, n_test=n_test)
+    (root / "demo.toml").write_text(study_toml(epochs=1, trials=1))
+    results = root / "res"
+    code = cli.main(["retrain", "--study", str(root / "demo.toml"), "--default-params", "--data", str(folder),
+                     "--storage", f"sqlite:///{root}/absent.db", "--results", str(results), "--cache-dir", str(root / "cache"),
+                     "--device", "cpu"])  # fmt: skip
+    assert code == 0
+    return SimpleNamespace(root=root, folder=folder, results=results, final=results / "demo" / "final.pt",
+                           image=next((folder / "test").rglob("*.png")))  # fmt: skip
 
 
 def wait_for_dashboard(proc: subprocess.Popen, port: int, tries: int = 120) -> bool:

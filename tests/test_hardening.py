@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import optuna
 import pytest
-from conftest import make_image_folder, study_toml
+from conftest import make_image_folder, retrained_demo, study_toml
 from optuna.trial import TrialState
 
 from cifar_hpo import cli, storage
@@ -116,16 +116,7 @@ def test_train_rejects_bad_input_in_one_line(argv: list[str], fragment: str, tmp
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    root = tmp_path_factory.mktemp("final")
-    folder = make_image_folder(root / "imgs", n_train=12, n_test=3)
-    (root / "demo.toml").write_text(study_toml(epochs=1, trials=1))
-    results = root / "res"
-    code = cli.main(["retrain", "--study", str(root / "demo.toml"), "--default-params", "--data", str(folder),
-                     "--storage", f"sqlite:///{root}/absent.db", "--results", str(results), "--cache-dir", str(root / "cache"),
-                     "--device", "cpu"])  # fmt: skip
-    assert code == 0
-    image = next((folder / "test").rglob("*.png"))
-    return SimpleNamespace(root=root, results=results, final=results / "demo" / "final.pt", image=image)
+    return retrained_demo(tmp_path_factory.mktemp("final"), n_train=12, n_test=3)
 
 
 def test_exported_models_are_owner_only(made: SimpleNamespace, tmp_path: Path) -> None:

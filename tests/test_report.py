@@ -92,6 +92,29 @@ def test_report_files_and_numbers(env: SimpleNamespace, tmp_path: Path) -> None:
     assert f"{t['diff_points']:+.2f}" in md and "![accuracy.png](accuracy.png)" in md
 
 
+def test_anytime_figure_charges_every_trial_its_device_time(env: SimpleNamespace, tmp_path: Path) -> None:
+    from cifar_hpo.storage import record
+
+    out = tmp_path / "report"
+    assert cli.main(["report", "--results", str(env.results), "--storage", env.db, "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert "study_tiny_anytime.png" in summary["figures"] and (out / "study_tiny_anytime.png").is_file()
+    anytime = summary["studies"]["tiny"]["anytime"]
+    study = optuna.load_study(study_name="tiny", storage=env.db)
+    trials = sorted(study.get_trials(), key=lambda t: (t.datetime_complete, t.number))
+    assert [p["trial"] for p in anytime["points"]] == [t.number for t in trials]
+    hours = [p["device_hours"] for p in anytime["points"]]
+    assert hours == sorted(hours) and hours[-1] == pytest.approx(sum(record.device_seconds(t) for t in trials) / 3600)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert sum(record.read(t).wall_s or 0 for t in complete) > 0  # complete trials are charged their recorded time
+    assert anytime["points"][-1]["best"] == study.best_value
+    assert (anytime["complete"], anytime["pruned"]) == (2, 1)
+    base = load_final(env.results / "baseline" / "final.pt")
+    assert anytime["baseline"]["device_hours"] == pytest.approx(np.mean(base["train_seconds"]) / 3600)
+    assert anytime["baseline"]["test_acc"] == pytest.approx(np.mean(base["test_acc"]))
+    assert "study tiny: best validation accuracy vs device time" in (out / "index.html").read_text()
+
+
 def test_default_out_folder_and_no_storage(env: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     results = tmp_path / "res"
     shutil.copytree(env.results / "tiny", results / "tiny")

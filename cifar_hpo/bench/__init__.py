@@ -19,6 +19,7 @@ MODULES = {
     "faults": "cifar_hpo.bench.faults",
     "curves": "cifar_hpo.bench.curves",
     "search": "cifar_hpo.bench.search",
+    "device": "cifar_hpo.bench.device",
 }
 
 

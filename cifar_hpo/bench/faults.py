@@ -1,7 +1,7 @@
 """``cifar-hpo bench faults``: SIGKILL workers during a real study, then count what survived.
 
     cifar-hpo bench faults --json                                   # temp SQLite, 2 workers, 12 trials, 3 kills
-    cifar-hpo bench faults --workers 3 --kills 5 --json
+    cifar-hpo bench faults --workers 3 --kills 5 --repeat 20 --json # 20 studies, seeds 0-19, and the totals
     CIFAR_HPO_STORAGE=postgresql://postgres:pw@127.0.0.1/test cifar-hpo bench faults --restart-db --json
 
 It runs ``cifar-hpo run --workers K`` in a subprocess on tiny synthetic images
@@ -13,13 +13,22 @@ person would). ``--restart-db`` also restarts the local PostgreSQL server once
 in the middle. Then it reads the database and counts:
 
     trials_finished   complete + pruned trials at the end (must equal --trials)
-    trials_lost       finished trials that later disappeared, plus killed trials
-                      that were never retried (must be 0)
-    retries_exhausted killed trials whose lineage had been killed MAX_RETRY (2) times
-                      before: given up by design, a fresh trial takes the slot
+    trials_lost       finished trials that later disappeared, plus killed configurations
+                      (a trial and its retries: a lineage) that had started training and
+                      never finished, their last kill never retried (must be 0)
+    retries_exhausted killed lineages given up after MAX_RETRY (2) kills: by design,
+                      a fresh trial takes the slot
+    killed_unstarted  killed trials of a lineage that never started training: killed
+                      before the check that found them beyond --trials (their retry,
+                      if any, stood down as surplus); nothing was lost
     zombies_left      trials still RUNNING after the last run exited (must be 0)
-    retried_twice     killed trials retried more than once (must be 0)
+    waiting_left      trials still WAITING after the last run exited (must be 0)
+    retried_twice     lineages in which one kill was followed by two runs (must be 0)
     duplicate_runs    trial numbers trained by two workers (must be 0)
+
+``--repeat N`` runs N such studies (seeds seed..seed+N-1) and reports each
+run's counts and their totals; it exits 1 if any run lost a trial, left one
+RUNNING or WAITING, trained one twice, stalled, or finished other than --trials.
 
 The storage URL goes to the subprocess through ``$CIFAR_HPO_STORAGE``, never on
 a command line, where other users of the machine could read its password. A
@@ -29,6 +38,7 @@ study on a server is named ``faults-<random>`` and deleted at the end.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import random
@@ -50,7 +60,7 @@ from optuna.trial import TrialState
 
 from cifar_hpo import bench, storage
 from cifar_hpo.errors import UserError
-from cifar_hpo.storage import record
+from cifar_hpo.storage import heartbeat, record
 
 # Fast fault detection: a killed worker's trial is failed and re-queued 3 s after its last heartbeat
 # (20 s when it never had one: one machine, one clock, so no margin for clock skew is needed).
@@ -150,14 +160,17 @@ class _Finished:
     def __init__(self, url: str, name: str) -> None:
         self.url, self.name = url, name
         self.study: Any = None
+        self.missing = True  # the last read found no such study (not created yet)
 
     def __call__(self) -> set[int]:
         try:
             if self.study is None:
                 self.study = optuna.load_study(study_name=self.name, storage=storage.open_storage(self.url, heartbeat=False))
+            self.missing = False
             states = (TrialState.COMPLETE, TrialState.PRUNED)
             return {t.number for t in self.study.get_trials(deepcopy=False, states=states)}
         except KeyError:  # not created yet
+            self.missing = True
             return set()
         except Exception:  # the server is restarting: ask again later
             self.study = None
@@ -174,6 +187,49 @@ def _exit_on_sigterm() -> Any:
         return signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread
         return None
+
+
+def account(trials: list[optuna.trial.FrozenTrial]) -> dict[str, int]:
+    """What became of the killed trials of a study, lineage by lineage (a trial and its retries).
+
+    Killed: failed by a stale heartbeat (a kill, or a worker cut off from the database), reason
+    "stale: ..." or none (from before that reason was recorded). Each kill must be followed by exactly
+    one trial of its lineage that ran (a retry that stood down as surplus ran nothing), unless the
+    lineage was killed ``MAX_RETRY`` times (given up by design: a fresh trial takes its slot) or never
+    started training (killed before the check that found it beyond the target).
+
+    Returns:
+        trials_killed, retries (trials that ran after a kill), retried_twice (lineages in which a kill
+        was followed by two runs), retries_exhausted, killed_unstarted, never_retried (lineages that
+        trained, never finished, and whose last kill was never followed: a lost configuration).
+    """
+    records = {t.number: record.read(t) for t in trials}
+    lineages: dict[int, list[optuna.trial.FrozenTrial]] = {}
+    for t in sorted(trials, key=lambda t: t.number):
+        lineages.setdefault(heartbeat.lineage(t), []).append(t)
+
+    def killed(t: optuna.trial.FrozenTrial) -> bool:
+        return t.state == TrialState.FAIL and records[t.number].fail_kind in (record.FailKind.STALE, None)
+
+    counts = dict.fromkeys(("trials_killed", "retries", "retried_twice", "retries_exhausted", "killed_unstarted", "never_retried"), 0)
+    for members in lineages.values():
+        kills = [t for t in members if killed(t)]
+        if not kills:
+            continue
+        ran = [t for t in members if t.state != TrialState.WAITING and records[t.number].fail_kind is not record.FailKind.SURPLUS]
+        counts["trials_killed"] += len(kills)
+        counts["retries"] += len(ran) - 1
+        if all(records[t.number].trial_params is None for t in members):  # a retry copies its original's
+            counts["killed_unstarted"] += len(kills)
+            continue
+        counts["retried_twice"] += len(ran) > len(kills) + 1
+        done = any(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in members)
+        if not done and killed(ran[-1]):  # nothing ran after the last kill
+            # Retrying stops after MAX_RETRY kills of one lineage (a trial that keeps killing its worker
+            # should not run for ever).
+            exhausted = len(ran[-1].system_attrs.get("retry_history") or []) + 1 > storage.MAX_RETRY
+            counts["retries_exhausted" if exhausted else "never_retried"] += 1
+    return counts
 
 
 def measure(
@@ -259,6 +315,8 @@ def measure(
             reader.join(timeout=10)
         exit_codes.append(proc.returncode)
         now = finished_now()
+        if finished_now.missing:  # it failed before it created the study (a bad study file, data, code): running it again won't help
+            break
         seen_finished |= now
         if len(now) >= trials:
             break  # done (if before every kill could land, the figures say how many did)
@@ -266,26 +324,16 @@ def measure(
             stalled = True  # out of time
     if previous is not None:
         signal.signal(signal.SIGTERM, previous)
+    if exit_codes and finished_now.missing:
+        last = next((line.strip() for line in reversed(watches[-1].lines) if line.strip()), "no output")
+        raise UserError(f"`cifar-hpo run` exited {exit_codes[-1]} before it created the study: {last}")
     if is_postgres:
         _wait_postgres_up()
     study = optuna.load_study(study_name=name, storage=storage.open_storage(url, heartbeat=False))
     all_trials = study.get_trials(deepcopy=False)
     finished = {t.number for t in all_trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
     records = {t.number: record.read(t) for t in all_trials}
-    # Failed by a stale heartbeat (a kill, or a worker cut off from the database): reason "stale: ...",
-    # or none from before that reason was recorded.
-    killed = [t for t in all_trials
-              if t.state == TrialState.FAIL and records[t.number].fail_kind in (record.FailKind.STALE, None)]  # fmt: skip
-    retries: dict[int, int] = {}
-    for t in all_trials:
-        history = t.system_attrs.get("retry_history") or []
-        # A retry that stood down when taken (another retry of the same trial came first) never ran.
-        if history and records[t.number].fail_kind is not record.FailKind.SURPLUS:
-            retries[history[-1]] = retries.get(history[-1], 0) + 1
-    # Retrying stops after storage.MAX_RETRY kills of one lineage (a trial that keeps killing its worker
-    # should not run for ever); such a lineage is given up by design and a fresh trial takes its place.
-    exhausted = [t for t in killed if len(t.system_attrs.get("retry_history") or []) + 1 > storage.MAX_RETRY]
-    never_retried = [t.number for t in killed if retries.get(t.number, 0) == 0 and t not in exhausted]
+    fate = account(all_trials)
     trained_by: dict[int, set[int]] = {}
     for w in watches:
         for number, who in w.trained_by.items():
@@ -295,13 +343,10 @@ def measure(
         "kills_injected": len(kill_log),
         "trials_target": trials,
         "trials_finished": len(finished),
-        "trials_lost": len(seen_finished - finished) + len(never_retried),
+        "trials_lost": len(seen_finished - finished) + fate.pop("never_retried"),
         "zombies_left": sum(t.state == TrialState.RUNNING for t in all_trials),
         "waiting_left": sum(t.state == TrialState.WAITING for t in all_trials),
-        "trials_killed": len(killed),
-        "retries": sum(retries.values()),
-        "retried_twice": sum(n > 1 for n in retries.values()),
-        "retries_exhausted": len(exhausted),
+        **fate,
         "resumed_from_snapshot": sum(r.resumed_from_epoch is not None for r in records.values()),
         "duplicate_runs": sum(len(who) > 1 for who in trained_by.values()),
         "locked_errors": output.count("database is locked"),
@@ -318,21 +363,64 @@ def measure(
     }
 
 
-def main(args: argparse.Namespace) -> int:
-    """``cifar-hpo bench faults``: print the counts; exit 1 if anything was lost or left RUNNING."""
-    if args.workers < 1 or args.trials < 1 or args.kills < 0:
-        raise UserError("--workers and --trials must be >= 1 and --kills >= 0")
-    url = args.storage or os.environ.get(storage.ENV_VAR) or None  # else a temporary SQLite database
-    if url is not None:
-        storage.open_storage(url, heartbeat=False)  # fail fast, with the password masked
+# Summed over the runs of --repeat; each must be 0 in every run.
+TOTALS = ("trials_lost", "zombies_left", "waiting_left", "duplicate_runs", "retried_twice", "stalled")
+FAULT_COUNTS = ("kills_injected", "trials_killed", "retries", "retries_exhausted", "killed_unstarted")  # also summed
+
+
+def faulty(result: dict[str, Any]) -> bool:
+    """Whether one run lost a trial, left one RUNNING or WAITING, trained one twice, stalled, or missed the target."""
+    return bool(any(result[key] for key in TOTALS) or result["trials_finished"] != result["trials_target"])
+
+
+def totals(results: list[dict[str, Any]], first_seed: int) -> dict[str, Any]:
+    """The ``--repeat`` report: the sums of `TOTALS` and of the faults injected, then each run's counts."""
+    return {
+        "repeat": len(results),
+        "seeds": f"{first_seed}-{first_seed + len(results) - 1}",
+        **{key: sum(r[key] for r in results) for key in TOTALS},
+        "runs_off_target": sum(r["trials_finished"] != r["trials_target"] for r in results),
+        "runs_faulty": sum(faulty(r) for r in results),
+        **{key: sum(r[key] for r in results) for key in FAULT_COUNTS},
+        "wall_s": round(sum(r["wall_s"] for r in results), 1),
+        "per_run": results,
+    }
+
+
+def _one_run(url: str | None, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """`measure` in a temporary folder; a study on a server is deleted afterwards."""
     with tempfile.TemporaryDirectory(prefix="cifar-hpo-faults-") as tmp:
         result = measure(Path(tmp), url=url, trials=args.trials, workers=args.workers, kills=args.kills, epochs=args.epochs,
-                         seed=args.seed, restart_db=args.restart_db, echo=args.verbose)  # fmt: skip
+                         seed=seed, restart_db=args.restart_db, echo=args.verbose)  # fmt: skip
         if url is not None:  # a study on a server outlives the temp folder: remove it
             try:
                 optuna.delete_study(study_name=result["study"], storage=storage.open_storage(url, heartbeat=False))
             except KeyError:
                 pass
-    bench.emit(result, args.json)
-    bad = result["trials_lost"] or result["zombies_left"] or result["stalled"] or result["trials_finished"] != result["trials_target"]
-    return 1 if bad else 0
+    return result
+
+
+def main(args: argparse.Namespace) -> int:
+    """``cifar-hpo bench faults``: print the counts (``--repeat``: of every run, and their totals); exit 1 if a run was `faulty`."""
+    if args.workers < 1 or args.trials < 1 or args.kills < 0 or args.repeat < 1:
+        raise UserError("--workers, --trials and --repeat must be >= 1 and --kills >= 0")
+    url = args.storage or os.environ.get(storage.ENV_VAR) or None  # else a temporary SQLite database
+    if url is not None:
+        storage.open_storage(url, heartbeat=False)  # fail fast, with the password masked
+    if args.repeat == 1:
+        result = _one_run(url, args.seed, args)
+        bench.emit(result, args.json)
+        return 1 if faulty(result) else 0
+    results = []
+    for seed in range(args.seed, args.seed + args.repeat):
+        results.append(_one_run(url, seed, args))
+        r = results[-1]
+        print(f"run {len(results)}/{args.repeat} (seed {seed}): {r['trials_finished']}/{r['trials_target']} finished, "
+              f"{r['trials_lost']} lost, {r['zombies_left']} RUNNING and {r['waiting_left']} WAITING left, "
+              f"{r['duplicate_runs']} trained twice, {r['kills_injected']} kills, {r['wall_s']:g}s"
+              + (" FAULTY" if faulty(r) else ""), flush=True)  # fmt: skip
+    report = totals(results, args.seed)
+    bench.emit({k: v for k, v in report.items() if k != "per_run"}, False)  # the runs are the lines above
+    if args.json:
+        print(json.dumps(report, sort_keys=True))
+    return 1 if report["runs_faulty"] else 0

@@ -18,6 +18,7 @@ from cifar_hpo.deploy.export import (
     _reference,
     check_images,
     check_loaded,
+    check_out_folder,
     export_onnx,
     export_program,
     export_torchscript,
@@ -45,8 +46,7 @@ def main(args: argparse.Namespace) -> int:
         )
     final = load_final(src)
     out: Path = args.out
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; pass a folder")
+    check_out_folder(out)  # before the model is built and every format exported
     module = deployed(final)
     images, checked_on = check_images(final, getattr(args, "data", None), getattr(args, "cache_dir", None))
     reference = _reference(module, images)

@@ -22,6 +22,10 @@ recipe, ``--default-params``). Writes into ``--out`` (default ``RESULTS/report``
   optimization history, parameter importances (PED-ANOVA, which needs no
   scikit-learn; skipped with a note below 2 complete trials) and the
   validation accuracy per epoch of every trial (pruned trials dashed).
+- ``study_<study>_pruning.png``, ``study_<study>_anytime.png``: per study, the best
+  validation accuracy against the epochs and against the device hours its trials spent
+  (all workers and machines; complete and pruned trials marked; the baseline's one
+  training run and test accuracy on the same cost axis): what more budget would buy.
 - ``summary.md`` and ``summary.json``: model, best parameters, best validation
   accuracy, test accuracy mean ± std, difference to the baseline in points,
   parameter count, training time, images/s, hardware.
@@ -51,6 +55,7 @@ from cifar_hpo.errors import UserError
 from cifar_hpo.models.final import FINAL_NAME
 from cifar_hpo.report.data import (
     BASELINE,
+    anytime_data,
     confusion_data,
     curves_data,
     find_finals,
@@ -67,6 +72,7 @@ from cifar_hpo.report.data import (
 )
 from cifar_hpo.report.figures import (
     draw_accuracy,
+    draw_anytime,
     draw_confusion,
     draw_curves,
     draw_history,
@@ -107,6 +113,7 @@ def main(args: argparse.Namespace) -> int:
         confusions[f["study"]] = confusion_data(f)
         figures.append(draw_confusion(confusions[f["study"]], out / f"confusion_{f['study']}.png"))
     study_plots: dict[str, Any] = {}
+    baseline = next((f for _, f in finals if f["study"] == BASELINE), None)
     for name, study in studies.items():
         hist, imp, inter = history_data(study), importance_data(study), intermediate_data(study)
         study_plots[name] = {"history": hist, "importance": imp, "intermediate": inter, "pruning": pruning_data(study)}
@@ -118,6 +125,8 @@ def main(args: argparse.Namespace) -> int:
         figures.append(draw_intermediate(inter, out / f"study_{name}_intermediate.png"))
         study_plots[name]["pruning_check"] = prune = study_pruning_data(study)  # best vs epochs, rung rank correlation
         figures.append(draw_pruning(prune, out / f"study_{name}_pruning.png"))
+        study_plots[name]["anytime"] = anytime = anytime_data(study, baseline)  # best vs device hours
+        figures.append(draw_anytime(anytime, out / f"study_{name}_anytime.png"))
         notes.append(pruning_line(prune))
 
     names = [p.name for p in figures]

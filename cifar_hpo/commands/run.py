@@ -19,11 +19,14 @@ from optuna.trial import TrialState
 from cifar_hpo import storage
 from cifar_hpo.errors import UserError
 from cifar_hpo.storage.checkpoint import remove_stale_tmp
+from cifar_hpo.storage.refused import refusals_as_one_line
+from cifar_hpo.storage.sqlite import sqlite_file
+from cifar_hpo.study import budget
 from cifar_hpo.study import note as dashboard_notes
-from cifar_hpo.study.create import open_study
-from cifar_hpo.study.objective import finished_count
-from cifar_hpo.study.spec import load_spec, save_resolved
-from cifar_hpo.study.supervisor import run_workers
+from cifar_hpo.study.create import open_study, refuse_foreign
+from cifar_hpo.study.objective import finished_count, study_folder
+from cifar_hpo.study.spec import StudySpec, load_spec, save_resolved
+from cifar_hpo.study.supervisor import check_workers, run_workers
 from cifar_hpo.study.worker import load_data, reconnecting, sigterm_as_interrupt, work
 
 
@@ -31,27 +34,33 @@ def main(args: argparse.Namespace) -> int:
     """``cifar-hpo run``."""
     if args.trials is not None and args.trials < 1:
         raise UserError(f"--trials must be >= 1, got {args.trials}: it is the number of finished trials the study ends with")
-    if args.workers < 1:
-        raise UserError(f"--workers must be >= 1, got {args.workers}")
-    spec = load_spec(args.study).with_overrides(epochs=args.epochs, trials=args.trials, data=args.data, subset=args.subset)
+    check_workers(args.workers, args.device)  # before any worker process starts
+    if args.timeout is not None and not args.timeout > 0:  # `not >`: NaN too
+        raise UserError(f"--timeout must be > 0 seconds, got {args.timeout}: it stops starting new trials after that long")
+    spec = load_spec(args.study).with_overrides(epochs=args.epochs, trials=args.trials, data=args.data, subset=args.subset,
+                                                budget=args.budget, params=args.set)  # fmt: skip
     results: Path = args.results
     url = storage.storage_url(args.storage, results)
     # Opened once, failing fast on a bad URL before decoding data; every later step uses this one. A
     # new SQLite file is only created once the data loaded: a run that fails on its data leaves none.
     fresh = storage.missing_sqlite(url)
     if fresh is None:
+        refuse_foreign(spec, url)  # reading only: opening to write already sets the journal mode
         st = storage.open_storage(url)
     else:
-        storage.check_creatable(fresh)
+        # Folders are made only for the default place under --results; a --storage path names an existing one.
+        storage.check_creatable(fresh, make_folders=fresh == results / storage.DB_NAME)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     data = load_data(spec, device=args.device, data_dir=args.data_dir, cache_dir=args.cache_dir)
     if fresh is not None:
         st = storage.open_storage(url)
-    study = open_study(spec, url, data.split_hash, st)
-    dashboard_notes.describe_study(study, spec, data.split_hash, (len(data.train_y), len(data.eval_y)))
-    for folder in (results / spec.name, storage.artifact_dir(url, results)):
-        remove_stale_tmp(folder)  # left by a writer that was killed mid-write
-    save_resolved(spec, results / spec.name)
+    with refusals_as_one_line(sqlite_file(url)):  # a full or read-only disk: one line, the study as it was
+        study = open_study(spec, url, data.split_hash, st)
+        dashboard_notes.describe_study(study, spec, data.split_hash, (len(data.train_y), len(data.eval_y)))
+        _remove_stale_tmp(results, study, url)
+        save_resolved(spec, results / spec.name)
+        if spec.budget_s is not None:  # for `status` and the dashboard; the account itself is the trials
+            study.set_user_attr(budget.BUDGET_ATTR, spec.budget_s)
     done = finished_count(study)
     print(
         f"study {spec.name!r} ({spec.model}, {spec.epochs} epochs/trial) in {storage.mask_url(url)}: "
@@ -62,6 +71,12 @@ def main(args: argparse.Namespace) -> int:
     if done >= spec.trials:
         print(f"nothing to do: the study already has {done} finished trials (ask for more with --trials)")
         return 0
+    if spec.budget_s is not None:
+        account = budget.account(study, spec.budget_s, spec.epochs)
+        print(account.line(), flush=True)
+        if not account.affords(spec.epochs):
+            print("nothing to do: the budget left cannot pay for another trial (ask for more with --budget)")
+            return 0
     if args.workers == 1:
         with sigterm_as_interrupt():
             reconnecting(url, print, lambda: work(spec, url, results, data, st=st, timeout=args.timeout), st=st)
@@ -70,13 +85,26 @@ def main(args: argparse.Namespace) -> int:
         code = run_workers(spec, url, results, workers=args.workers, device=args.device, data_dir=args.data_dir,
                            cache_dir=args.cache_dir, timeout=args.timeout)  # fmt: skip
         if code:
-            _summary(study)
+            _summary(study, spec)
             return code
-    _summary(study)
+    _summary(study, spec)
     return 0
 
 
-def _summary(study: optuna.Study) -> None:
+def _remove_stale_tmp(results: Path, study: optuna.Study, url: str) -> None:
+    """Delete the temp files of writers killed mid-write (`remove_stale_tmp`) where this study writes.
+
+    Its own folder (`study_folder`), the top of ``results/<study>/`` (spec.json), the previous
+    version's trial folders and the artifact store; never the folder of another study of the same
+    name (another database), whose writer may be alive on another machine sharing the folder.
+    """
+    named = results / study.study_name
+    remove_stale_tmp(named, recursive=False)
+    for folder in (study_folder(results, study), named / "trials", storage.artifact_dir(url, results)):
+        remove_stale_tmp(folder)
+
+
+def _summary(study: optuna.Study, spec: StudySpec) -> None:
     states = [t.state for t in study.get_trials(deepcopy=False)]
     counts = {s.name.lower(): states.count(s) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
     try:
@@ -84,3 +112,5 @@ def _summary(study: optuna.Study) -> None:
     except ValueError:
         best = "no complete trial"
     print(f"study {study.study_name!r}: {counts['complete']} complete, {counts['pruned']} pruned, {counts['fail']} failed; {best}")
+    if spec.budget_s is not None:
+        print(f"study {study.study_name!r}: {budget.account(study, spec.budget_s, spec.epochs).line()}")

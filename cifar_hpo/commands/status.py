@@ -3,8 +3,9 @@
     cifar-hpo status                      # one line per study
     cifar-hpo status --study fast         # one line per trial
 
-It only reads the database (no heartbeat, no writes), so it is safe to
-run beside a study in progress (so is ``cifar-hpo dashboard``, `cifar_hpo.dashboard`). Storage URLs are shown with the password masked.
+It only reads the database (read-only connections, no heartbeat: `storage.open_existing`), so it
+is safe to run beside a study in progress and on databases other tools made (so is ``cifar-hpo
+dashboard``, `cifar_hpo.commands.dashboard`). Storage URLs are shown with the password masked.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from optuna.trial import TrialState
 from cifar_hpo import storage
 from cifar_hpo.errors import UserError
 from cifar_hpo.storage import record
+from cifar_hpo.study import budget
 
 
 def study_rows(st: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
@@ -84,7 +86,8 @@ def main(args: argparse.Namespace) -> int:
     url = storage.storage_url(args.storage, args.results)
     st = storage.open_existing(url)
     if st is None:
-        print(f"no study database at {storage.missing_sqlite(url)} yet; start one with: cifar-hpo run --study NAME")
+        where = storage.missing_sqlite(url) or storage.mask_url(url)
+        print(f"no study database at {where} yet; start one with: cifar-hpo run --study NAME")
         return 0
     print(f"storage: {storage.mask_url(url)}")
     if args.study is None:
@@ -93,14 +96,34 @@ def main(args: argparse.Namespace) -> int:
             print("no studies yet; start one with: cifar-hpo run --study NAME")
             return 0
         print(_table(rows, ["study", "model", "complete", "pruned", "fail", "running", "waiting", "best", "best_trial"]))
+        for s in optuna.get_all_study_summaries(st, include_best_trial=False):
+            if budget.BUDGET_ATTR in s.user_attrs and (line := budget_line(optuna.load_study(study_name=s.study_name, storage=st))):
+                print(f"{s.study_name}: {line}")
         return 0
     try:
         study = optuna.load_study(study_name=args.study, storage=st)
     except KeyError:
         names = ", ".join(s.study_name for s in optuna.get_all_study_summaries(st, include_best_trial=False)) or "none"
         raise UserError(f"no study {args.study!r} in {storage.mask_url(url)}; studies there: {names}") from None
+    if len(study.directions) > 1:  # another tool's: a trial has no single value to show
+        raise UserError(
+            f"study {args.study!r} in {storage.mask_url(url)} has {len(study.directions)} objectives, and status shows "
+            f"single-objective studies (ours: val_acc); look at it with cifar-hpo dashboard or optuna trials --study-name {args.study}"
+        )
     rows = trial_rows(study)
     for r in rows:
         r["params"] = _params_text(r["params"])
     print(_table(rows, ["trial", "state", "value", "epochs", "seconds", "params", "note"]))
+    if (line := budget_line(study)) is not None:
+        print(line)
     return 0
+
+
+def budget_line(study: optuna.Study) -> str | None:
+    """The study's budget, spent and left (`budget.account`), when a run gave it one."""
+    budget_s = budget.study_budget(study)
+    spec = study.user_attrs.get("spec")
+    epochs = spec.get("epochs") if isinstance(spec, dict) else None
+    if budget_s is None or not isinstance(epochs, int):
+        return None
+    return budget.account(study, budget_s, epochs).line()

@@ -25,11 +25,21 @@ from cifar_hpo.data.sources import BATCH_FILES, _hidden, _listing
 from cifar_hpo.device import cpu_threads
 from cifar_hpo.errors import UserError, first_line
 
-if TYPE_CHECKING:  # torch is imported lazily: decoding workers must start fast
-    pass
+if TYPE_CHECKING:  # torch is imported lazily: decoding workers must start fast; PIL only where images are decoded
+    from PIL import Image
 
 
 IMAGE_SIZE = 32  # pixels, height = width
+
+
+INPUT_SIZE = (3, IMAGE_SIZE, IMAGE_SIZE)  # (channels, height, width) of every decoded image: what every model takes
+
+
+MAX_ARCHIVE_BYTES = 4 << 30  # members of one archive are held in memory at once: a bomb is refused before it is read
+
+
+# One-channel modes of 16 bits (PNG, TIFF; PGM of any depth is scaled to 0..65535 by PIL): PIL's convert clips them at 255.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 PARALLEL_MIN_IMAGES = 4000  # below this, starting worker processes costs more than it saves
@@ -120,6 +130,7 @@ def _decode_archive(path: Path, progress: bool) -> Arrays:
 def _read_archive(path: Path) -> list[tuple[str, bytes | None]]:
     """(name, bytes) of every member; None for folders. Hidden files and links are skipped."""
     members: list[tuple[str, bytes | None]] = []
+    total = 0
     try:
         with tarfile.open(path) as tf:
             for m in tf:
@@ -129,6 +140,12 @@ def _read_archive(path: Path) -> list[tuple[str, bytes | None]]:
                 if m.isdir():
                     members.append((name, None))
                 elif m.isfile():
+                    total += m.size  # the header's size, known before a byte of the member is read
+                    if total > MAX_ARCHIVE_BYTES:
+                        raise UserError(
+                            f"archive {path} holds more than {MAX_ARCHIVE_BYTES / 2**30:g} GiB of files (its member {name} "
+                            f"brings them to {total / 2**30:.1f} GiB), more than is read into memory; unpack it and pass the folder"
+                        )
                     f = tf.extractfile(m)
                     members.append((name, f.read() if f is not None else b""))
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
@@ -216,12 +233,26 @@ def decode_image(name: str, payload: bytes | Path) -> np.ndarray:
     try:
         data = payload.read_bytes() if isinstance(payload, Path) else payload
         with Image.open(io.BytesIO(data)) as im:
-            rgb = im.convert("RGB")  # forces the full decode, so truncation raises here
+            rgb = to_rgb(im)  # forces the full decode, so truncation raises here
         if rgb.size != (IMAGE_SIZE, IMAGE_SIZE):
             rgb = rgb.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
         return np.asarray(rgb, dtype=np.uint8)
     except Exception as e:  # PIL raises many types (OSError, ValueError, SyntaxError, ...)
         raise UserError(f"{name} is not a readable image ({type(e).__name__}: {first_line(e)}); delete or replace that file") from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """``im`` as 8-bit RGB; 16-bit grey images scaled to 8 bits (v / 257, rounded), where PIL's convert would clip at 255.
+
+    ``convert("RGB")`` of a 16-bit image keeps min(v, 255): a 16-bit PNG decodes almost white. 65535 / 257 = 255
+    exactly, and an 8-bit value k stored as 16 bits (k * 257) comes back as k.
+    """
+    from PIL import Image
+
+    if im.mode not in SIXTEEN_BIT_MODES:
+        return im.convert("RGB")
+    v = np.clip(np.asarray(im), 0, 65535).astype(np.uint32)  # mode "I" is int32: clip before scaling
+    return Image.fromarray(((v + 128) // 257).astype(np.uint8), "L").convert("RGB")
 
 
 def _load_batches(folder: Path) -> Arrays:

@@ -38,7 +38,9 @@ cannot be read is treated as missing.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import sys
 import tarfile
 import zlib
@@ -122,18 +124,61 @@ def _ensure_cifar10(data_dir: Path, progress: bool) -> Path:
 
 
 def _listing(root: Path) -> list[tuple[str, int, int]]:
-    """Sorted (relative path, size, mtime_ns) of every non-hidden file under ``root``."""
+    """Sorted (relative path, size, mtime_ns) of every non-hidden file under ``root``; links are followed.
+
+    Raises:
+        UserError: a broken link, a link loop (a link to a folder above it), or something that is not a
+            file (a FIFO, a device: reading it would block or never end); the path is named.
+    """
     rows = []
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        dirs[:] = [d for d in dirs if not _hidden(d)]
-        for name in files:
+    # (folder, (device, inode) of the folders from root down to it): a folder met again below itself is a loop.
+    stack: list[tuple[str, frozenset[tuple[int, int]]]] = [(str(root), frozenset())]
+    while stack:
+        folder, above = stack.pop()
+        st = _stat(folder)
+        if (st.st_dev, st.st_ino) in above:
+            raise UserError(f"{folder} is a link to a folder above it (a loop); remove the link or point it elsewhere")
+        above = above | {(st.st_dev, st.st_ino)}
+        try:
+            names = os.listdir(folder)
+        except OSError as e:
+            raise UserError(f"cannot list the folder {folder}: {e.strerror}; fix its permissions or remove it") from None
+        for name in names:
             if _hidden(name):
                 continue
             path = os.path.join(folder, name)
-            st = os.stat(path)
-            rows.append((os.path.relpath(path, root), st.st_size, st.st_mtime_ns))
+            st = _stat(path)
+            if stat.S_ISDIR(st.st_mode):
+                stack.append((path, above))
+            elif stat.S_ISREG(st.st_mode):
+                rows.append((os.path.relpath(path, root), st.st_size, st.st_mtime_ns))
+            else:
+                raise UserError(f"{path} is not a regular file (a FIFO, socket or device); remove it from the data folder")
     rows.sort()
     return rows
+
+
+def _stat(path: str) -> os.stat_result:
+    """``os.stat`` (links followed); a broken link or a link loop is a UserError naming it."""
+    try:
+        return os.stat(path)
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {link_problem(Path(path)) or e.strerror}; remove it or fix it") from None
+
+
+def link_problem(path: Path) -> str | None:
+    """What is wrong with ``path`` as a symbolic link (broken, or a loop), in words for an error message; None if nothing."""
+    if not path.is_symlink():
+        return None
+    try:
+        path.stat()
+    except FileNotFoundError:
+        return f"a broken symbolic link (to {os.readlink(path)!r}, which does not exist)"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symbolic link loop (the link leads back to itself)"
+        return None
+    return None
 
 
 def _hidden(name: str) -> bool:

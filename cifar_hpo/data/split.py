@@ -24,6 +24,9 @@ if TYPE_CHECKING:  # torch is imported lazily: decoding workers must start fast
     import torch
 
 
+MIN_SUBSET = 20  # the fewest training images --subset may draw (study files and `train` hold the same bound)
+
+
 @dataclass(frozen=True)
 class Dataset:
     """Decoded images of one source, train and test, in memory.
@@ -169,7 +172,7 @@ def split_dataset(ds: Dataset, *, val_fraction: float = 0.1, seed: int = 42, sub
         ``val_fraction`` (largest-remainder rounding, exact in total).
 
     Raises:
-        UserError: val_fraction outside (0, 1), subset outside 1..N, or a split
+        UserError: val_fraction outside (0, 1), subset outside MIN_SUBSET..N, or a split
             that leaves train or validation empty.
     """
     n = len(ds.train_y)
@@ -178,8 +181,10 @@ def split_dataset(ds: Dataset, *, val_fraction: float = 0.1, seed: int = 42, sub
     rng = np.random.default_rng(seed)
     pool = np.arange(n, dtype=np.int64)
     if subset is not None:
-        if not 1 <= subset <= n:
-            raise UserError(f"--subset {subset}: the data has {n} training images; pass 1..{n}")
+        if n < MIN_SUBSET:
+            raise UserError(f"--subset {subset}: the data has only {n} training images, a subset needs {MIN_SUBSET}; drop --subset")
+        if not MIN_SUBSET <= subset <= n:
+            raise UserError(f"--subset {subset}: the data has {n} training images; pass {MIN_SUBSET}..{n}")
         pool = stratified_take(ds.train_y, pool, subset, rng)
     val_idx = stratified_take(ds.train_y, pool, round(len(pool) * val_fraction), rng)
     train_idx = np.setdiff1d(pool, val_idx, assume_unique=True)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,7 @@ import torch
 from torch import nn
 
 from cifar_hpo.deploy import predict as predicting
-from cifar_hpo.errors import UserError
+from cifar_hpo.errors import UserError, first_line
 from cifar_hpo.models.final import Deployed
 
 EXPORT_TOLERANCE = 1e-4  # max absolute difference in probabilities between a loaded program and the model
@@ -114,6 +115,29 @@ def export_onnx(module: Deployed, example: torch.Tensor, path: Path, classes: li
         program.model.metadata_props["classes"] = json.dumps(classes)
     program.model.metadata_props["input"] = "float32 (batch, 3, H, W) RGB in [0, 1]; output: class probabilities"
     _atomic(path, lambda tmp: program.save(str(tmp), external_data=False))  # weights inside: one file to ship
+
+
+def check_out_folder(out: Path) -> None:
+    """Refuse an ``--out`` that cannot be made or written, before any format is exported; nothing is left behind.
+
+    The nearest existing folder is probed with an unnamed temporary file: a read-only file system refuses it
+    even to root, for whom permission bits (and so ``os.access``) say nothing.
+
+    Raises:
+        UserError: ``out`` is a file, lies under one, or its nearest existing folder cannot be written.
+    """
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a folder")
+    existing = out
+    while not os.path.lexists(existing):
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"--out {out}: {existing} is not a folder, so nothing can be made under it; pass another --out")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write in {existing} ({e.strerror or first_line(e)}); pass a writable folder") from None
 
 
 def _atomic(path: Path, write: Any) -> None:

@@ -14,6 +14,11 @@ test images). The format is chosen by the file's suffix:
   ``classes.json`` (or a ``classes.json`` beside it).
 - anything else: a final checkpoint (``final.pt``), loaded with ``weights_only=True``.
 
+``--checkpoint`` may also be a folder holding exactly one of these (``results/STUDY``).
+A model file may come from anywhere: the input size it declares must be (3, 32, 32),
+what every cifar-hpo model takes, before any image is made at it, and one blank image
+is run through it to check it gives one probability per class name.
+
 Images of any size and format PIL knows are converted to RGB and resized to the
 model's input size (PIL bilinear) when they differ; each line shows the most
 likely class and its probability (``--top K`` classes; ``--json`` prints one JSON
@@ -33,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from cifar_hpo.data.decode import INPUT_SIZE, to_rgb
+from cifar_hpo.data.sources import link_problem
 from cifar_hpo.errors import UserError, first_line
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -45,6 +52,12 @@ ONNX_EXTRA = "pip install 'cifar-hpo[onnx]'"  # how a user gets onnx, onnxscript
 
 
 ONNX_INPUT, ONNX_OUTPUT = "images", "probabilities"  # names of the ONNX graph's input and output
+
+
+MODEL_FILES = ("final.pt", "model.pt2", "model.onnx")  # what `--checkpoint FOLDER` looks for (retrain / export write them)
+
+
+MAX_CLASSES_JSON_BYTES = 1 << 20  # a classes.json beside a model is read whole: 1 MiB is ~10,000 long class names
 
 
 @dataclass(frozen=True)
@@ -73,7 +86,7 @@ def image_paths(items: list[Path]) -> list[Path]:
         elif item.is_file():
             paths.append(item)
         else:
-            raise UserError(f"{item} does not exist; pass image files or folders of images")
+            raise UserError(f"{item} {_absent(item)}; pass image files or folders of images")
     return paths
 
 
@@ -87,7 +100,7 @@ def read_image(path: Path, size: tuple[int, int]) -> np.ndarray:
 
     try:
         with Image.open(path) as im:
-            rgb = im.convert("RGB")
+            rgb = to_rgb(im)  # 16-bit images scaled, not clipped
         if rgb.size != (size[1], size[0]):
             rgb = rgb.resize((size[1], size[0]), Image.Resampling.BILINEAR)
         return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
@@ -114,16 +127,36 @@ def onnx_session(path: Path) -> Any:
 
 
 def _classes_beside(path: Path, embedded: str | None) -> list[str]:
+    """The class names embedded in a model, else those of the ``classes.json`` beside it (its size bounded first)."""
     text = embedded
     beside = path.with_name("classes.json")
     if text is None and beside.is_file():
-        text = beside.read_text()
+        if beside.stat().st_size > MAX_CLASSES_JSON_BYTES:
+            raise UserError(f"{beside} is {beside.stat().st_size:,} bytes, more than class names take (at most "
+                            f"{MAX_CLASSES_JSON_BYTES:,} are read); export the model again with `cifar-hpo export`")  # fmt: skip
+        text = beside.read_text(errors="replace")
     if text is None:
         raise UserError(f"{path} carries no class names and there is no {beside}; export it again with `cifar-hpo export`")
-    classes = json.loads(text)
+    classes = _json(text)
     if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
         raise UserError(f"the class names of {path} are not a list of strings; export it again with `cifar-hpo export`")
     return classes
+
+
+def _json(text: str) -> Any:
+    """``text`` parsed as JSON, or None when it is not JSON (the caller names the file)."""
+    try:
+        return json.loads(text)
+    except ValueError:  # JSONDecodeError, and ValueError for numbers too long to convert
+        return None
+
+
+def _input_size(size: Any, path: Path) -> tuple[int, int, int]:
+    """``size`` = (C, H, W) read from ``path``, when it is the one size the models take (images are allocated at it)."""
+    if not isinstance(size, (list, tuple)) or list(size) != list(INPUT_SIZE):
+        raise UserError(f"{path} takes images of size {size!r}, not {list(INPUT_SIZE)} as every cifar-hpo model does; "
+                        "it is damaged, edited or not from cifar-hpo: export it again with `cifar-hpo export`")  # fmt: skip
+    return INPUT_SIZE
 
 
 def load_onnx(path: Path) -> Predictor:
@@ -133,18 +166,24 @@ def load_onnx(path: Path) -> Predictor:
     shape = session.get_inputs()[0].shape  # ['batch', 3, 32, 32]
     if len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]):
         raise UserError(f"{path} takes input of shape {shape}, not (batch, 3, H, W); export it again with `cifar-hpo export`")
+    size = _input_size(shape[1:], path)
     name = session.get_inputs()[0].name
 
     def probabilities(x: np.ndarray) -> np.ndarray:
         return np.asarray(session.run(None, {name: x.astype(np.float32) / np.float32(255.0)})[0])
 
-    return Predictor(probabilities, _classes_beside(path, meta.get("classes")), (shape[1], shape[2], shape[3]), "onnxruntime")
+    return Predictor(probabilities, _classes_beside(path, meta.get("classes")), size, "onnxruntime")
 
 
 def load_program(path: Path) -> Predictor:
     """model.pt2 (a ``torch.export`` program, float input in [0, 1]); classes embedded or beside it."""
     import torch
 
+    from cifar_hpo.models.final import zip_problem  # torch: the ONNX path never imports it
+
+    problem = zip_problem(path)
+    if problem:
+        raise UserError(f"{path} cannot be loaded safely: {problem}; export it again with `cifar-hpo export`")
     extra = {"classes.json": "", "input_size.json": ""}
     try:
         module = torch.export.load(str(path), extra_files=extra).module()
@@ -152,13 +191,13 @@ def load_program(path: Path) -> Predictor:
         first = first_line(e)
         raise UserError(f"{path} is not a usable torch.export program ({type(e).__name__}: {first}); export it again") from None
     classes = _classes_beside(path, extra["classes.json"] or None)
-    size = tuple(json.loads(extra["input_size.json"])) if extra["input_size.json"] else (3, 32, 32)
+    size = _input_size(_json(extra["input_size.json"]), path) if extra["input_size.json"] else INPUT_SIZE
 
     def probabilities(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             return module(torch.from_numpy(x).float() / 255.0).numpy()
 
-    return Predictor(probabilities, classes, size, "torch.export")  # type: ignore[arg-type]
+    return Predictor(probabilities, classes, size, "torch.export")
 
 
 def load_checkpoint(path: Path) -> Predictor:
@@ -174,22 +213,64 @@ def load_checkpoint(path: Path) -> Predictor:
         with torch.no_grad():
             return module(torch.from_numpy(x)).numpy()
 
-    return Predictor(probabilities, list(final["classes"]), tuple(final["input_size"]), "final.pt")  # type: ignore[arg-type]
+    return Predictor(probabilities, list(final["classes"]), _input_size(final["input_size"], path), "final.pt")
 
 
 def load(path: Path) -> Predictor:
-    """The predictor for ``path``, by its suffix (.onnx, .pt2, else a final checkpoint).
+    """The predictor for ``path``, by its suffix (.onnx, .pt2, else a final checkpoint), checked on one blank image.
+
+    ``path`` may be a folder holding exactly one of `MODEL_FILES` (``results/STUDY``).
 
     Raises:
-        UserError: the file is missing or unusable.
+        UserError: the file is missing or unusable, or its outputs do not match its class names.
     """
-    if not path.is_file():
-        raise UserError(f"{path} does not exist; pass a final.pt, model.pt2 or model.onnx (made by retrain / export)")
+    path = model_file(path)
     if path.suffix.lower() == ".onnx":
-        return load_onnx(path)
-    if path.suffix.lower() == ".pt2":
-        return load_program(path)
-    return load_checkpoint(path)
+        model = load_onnx(path)
+    elif path.suffix.lower() == ".pt2":
+        model = load_program(path)
+    else:
+        model = load_checkpoint(path)
+    _check_outputs(model, path)
+    return model
+
+
+def model_file(path: Path) -> Path:
+    """``path`` itself, or the one model file (`MODEL_FILES`) in the folder ``path``.
+
+    Raises:
+        UserError: nothing there, or a folder holding none or several of them (they are named).
+    """
+    if path.is_dir():
+        found = [path / name for name in MODEL_FILES if (path / name).is_file()]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise UserError(f"--checkpoint {path} is a folder holding {', '.join(p.name for p in found)}; pass one of them, "
+                            f"e.g. --checkpoint {found[-1]}")  # fmt: skip
+        raise UserError(f"--checkpoint {path} is a folder without {', '.join(MODEL_FILES)}; pass one of those files "
+                        "(made by retrain / export)")  # fmt: skip
+    if not path.is_file():
+        raise UserError(f"{path} {_absent(path)}; pass a final.pt, model.pt2 or model.onnx (made by retrain / export)")
+    return path
+
+
+def _absent(path: Path) -> str:
+    """Why a path that is neither file nor folder is not there: "does not exist", or what is wrong with its link."""
+    problem = link_problem(path)
+    return f"is {problem}" if problem else "does not exist"
+
+
+def _check_outputs(model: Predictor, path: Path) -> None:
+    """Run ``model`` on one blank image: it must take `INPUT_SIZE` and give one probability per class name."""
+    try:
+        probs = model.probabilities(np.zeros((1, *model.input_size), dtype=np.uint8))
+    except Exception as e:  # a program that does not take the images it declares: torch and onnxruntime raise many kinds
+        raise UserError(f"{path} does not run on a {model.input_size} image ({type(e).__name__}: {first_line(e)}); "
+                        "export it again with `cifar-hpo export`") from None  # fmt: skip
+    if probs.shape != (1, len(model.classes)):
+        raise UserError(f"{path} gives outputs of shape {tuple(probs.shape)[1:]} for {len(model.classes)} class names; "
+                        "export it again with `cifar-hpo export`")  # fmt: skip
 
 
 def predict(model: Predictor, paths: list[Path], top: int) -> list[dict[str, Any]]:

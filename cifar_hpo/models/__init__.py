@@ -27,9 +27,21 @@ re-exported, import ``cifar_hpo.models.final``).
 
 from cifar_hpo.models.fast import FastCNN
 from cifar_hpo.models.pretrained import PretrainedNet, weights_path
-from cifar_hpo.models.registry import DEVICE_KINDS, MODELS, Model, build, count_params, default_params, device_kind, get, params_for
+from cifar_hpo.models.registry import (
+    DEVICE_KINDS,
+    MODELS,
+    Model,
+    apply_changes,
+    build,
+    checked_changes,
+    count_params,
+    default_params,
+    device_kind,
+    get,
+    params_for,
+)
 
 __all__ = [
     "MODELS", "Model", "DEVICE_KINDS", "get", "build", "default_params", "device_kind", "count_params", "weights_path",
-    "params_for", "FastCNN", "PretrainedNet",
+    "params_for", "checked_changes", "apply_changes", "FastCNN", "PretrainedNet",
 ]  # fmt: skip

@@ -13,8 +13,11 @@ dict without the weights (`metrics_json`, `json_bytes`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from cifar_hpo.errors import UserError
+from cifar_hpo.data.decode import INPUT_SIZE
+from cifar_hpo.errors import UserError, first_line
 from cifar_hpo.models.registry import build
 from cifar_hpo.params import TrialParams
 from cifar_hpo.storage import checkpoint
@@ -30,7 +34,6 @@ from cifar_hpo.storage import checkpoint
 FORMAT = "cifar-hpo-final"
 FORMAT_VERSION = 1
 FINAL_NAME = "final.pt"
-INPUT_SIZE = (3, 32, 32)  # channels, height, width the models take
 # Keys every final.pt holds (export, predict and report rely on them).
 FINAL_KEYS = (
     "format", "format_version", "model_state", "weights_seed", "model", "params", "classes", "num_classes",
@@ -78,12 +81,24 @@ def final_path(results: Path, study: str) -> Path:
 def load_final(path: Path) -> dict[str, Any]:
     """Load a final.pt and check it is one.
 
+    Sizes that decide what is allocated (input_size, the model's shape) are checked before anything is
+    built from them: the file may come from anywhere.
+
     Raises:
-        UserError: missing, corrupt, or not a cifar-hpo final checkpoint.
+        UserError: missing, corrupt, written by a newer cifar-hpo, or not a cifar-hpo final checkpoint.
     """
+    problem = zip_problem(path) if path.is_file() else None  # a missing file: checkpoint.load says so
+    if problem:
+        raise UserError(f"checkpoint {path} cannot be loaded safely: {problem}; write it again with `cifar-hpo retrain`")
     obj = checkpoint.load(path)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise UserError(f"{path} is not a final checkpoint of cifar-hpo (written by `cifar-hpo retrain`)")
+    version = obj.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise UserError(f"{path}: format_version must be an int >= 1, got {version!r}; it is damaged or edited, write it again")
+    if version > FORMAT_VERSION:
+        raise UserError(f"{path} was written by a newer cifar-hpo (final.pt format {version}; this one reads up to "
+                        f"{FORMAT_VERSION}); upgrade cifar-hpo to use it")  # fmt: skip
     missing = [k for k in FINAL_KEYS if k not in obj]
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}; write it again with `cifar-hpo retrain`")
@@ -111,8 +126,31 @@ def _final_field_problem(obj: dict[str, Any]) -> str | None:
         return "params and model_state must be dicts"
     if not numbers(obj["mean"], 3) or not numbers(obj["std"], 3) or not all(s > 0 for s in obj["std"]):
         return "mean and std must be 3 numbers each (std > 0)"
-    if not numbers(obj["input_size"], 3) or not all(isinstance(x, int) and x > 0 for x in obj["input_size"]):
-        return f"input_size must be 3 positive ints, got {obj['input_size']!r}"
+    if not isinstance(obj["input_size"], (list, tuple)) or list(obj["input_size"]) != list(INPUT_SIZE):
+        # The only size the models take; predict allocates images of this size, so no other is trusted.
+        return f"input_size must be {list(INPUT_SIZE)} (what every cifar-hpo model takes), got {obj['input_size']!r}"
+    return None
+
+
+def zip_problem(path: Path) -> str | None:
+    """Why torch could allocate more than ``path``'s own size loading it, or None for a safe file.
+
+    torch.save and torch.export.save write a zip of uncompressed (stored) members. torch.load also
+    inflates compressed members (a small zip bomb expands without bound) and trusts the storage sizes
+    the legacy non-zip format declares; so a file must be a zip whose stored members add up to no more
+    than the file itself (overlapping members could otherwise each claim the whole file).
+    """
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = z.infolist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        return f"it is not the zip archive torch writes ({type(e).__name__}: {first_line(e)}); it is truncated, corrupt or foreign"
+    for m in members:
+        if m.compress_type != zipfile.ZIP_STORED or m.file_size != m.compress_size:
+            return f"its member {m.filename} is compressed, which torch never writes"
+    total, size = sum(m.file_size for m in members), path.stat().st_size
+    if total > size:
+        return f"its members claim {total:,} bytes, more than the {size:,} bytes of the file"
     return None
 
 
@@ -120,12 +158,18 @@ def build_model(final: dict[str, Any]) -> torch.nn.Module:
     """The final model with its weights, in eval mode on the CPU.
 
     Pretrained backbones are built without downloading ImageNet weights: the
-    checkpoint holds all of them.
+    checkpoint holds all of them. The model is first built on the meta device
+    (no memory) and its shapes compared with the weights, so parameters edited
+    to describe a huge model (``arch.hidden = 10**9``, ``num_classes = 10**9``)
+    are refused before anything is allocated.
 
     Raises:
         UserError: the weights do not fit the model the checkpoint names.
     """
     params = TrialParams.from_dict(final["params"]).replace(pretrained=False)
+    problem = _weights_problem(params, int(final["num_classes"]), final["model_state"])
+    if problem:
+        raise UserError(f"the weights in the checkpoint do not fit model {params.model!r} ({problem})")
     model = build(params, int(final["num_classes"]))
     try:
         model.load_state_dict(final["model_state"])
@@ -133,6 +177,55 @@ def build_model(final: dict[str, Any]) -> torch.nn.Module:
         first = str(e).strip().splitlines()[0]
         raise UserError(f"the weights in the checkpoint do not fit model {params.model!r} ({first[:200]})") from None
     return model.eval()
+
+
+def _weights_problem(params: TrialParams, num_classes: int, state: dict[str, Any]) -> str | None:
+    """How ``state`` differs from the model ``params`` describe, found on the meta device; None if it fits."""
+    # Our builds register at most len(state) + 3 parameters and buffers (a replaced head): far more means
+    # parameters such as arch.depth = 10**9, which would exhaust memory even as meta modules.
+    limit = 2 * len(state) + 16
+    try:
+        with _registrations_at_most(limit), torch.device("meta"):
+            want = build(params, num_classes).state_dict()
+    except _TooBig:
+        return f"its parameters describe a model of more than {limit} weight tensors, far more than the file holds"
+    except (ValueError, TypeError, RuntimeError, OverflowError) as e:  # e.g. a negative or non-numeric width
+        return f"its parameters build no model: {type(e).__name__}: {first_line(e)}"
+    missing, unexpected = [k for k in want if k not in state], [k for k in state if k not in want]
+    if missing or unexpected:
+        return f"missing {', '.join(missing[:3]) or 'nothing'}; unexpected {', '.join(unexpected[:3]) or 'nothing'}"
+    for key, tensor in want.items():
+        got = state[key]
+        if not isinstance(got, torch.Tensor) or got.shape != tensor.shape:
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            return f"{key} is {shape} in the file, {tuple(tensor.shape)} in the model"
+    return None
+
+
+class _TooBig(Exception):
+    """More parameters and buffers were registered than `_registrations_at_most` allows."""
+
+
+@contextlib.contextmanager
+def _registrations_at_most(limit: int) -> Iterator[None]:
+    """Raise `_TooBig` once more than ``limit`` parameters and buffers are registered on any module."""
+    count = 0
+
+    def hook(*_: Any) -> None:
+        nonlocal count
+        count += 1
+        if count > limit:
+            raise _TooBig
+
+    handles = [
+        torch.nn.modules.module.register_module_parameter_registration_hook(hook),
+        torch.nn.modules.module.register_module_buffer_registration_hook(hook),
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class Deployed(nn.Module):

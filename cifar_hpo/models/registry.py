@@ -4,24 +4,26 @@
     net = models.build(models.default_params("fast_cnn", "cpu"), num_classes=10)
 
 Adding an architecture is one builder (a module of this package) and one `Model`
-entry in ``MODELS``: its builder, the arch options it reads, its fine-tune stages
-(if it has pretrained weights), what training asks of it, and its default recipe
-per device kind (cpu, gpu).
+entry in ``MODELS``: its builder, the arch options it reads and the values each
+takes, its fine-tune stages (if it has pretrained weights), what training asks of
+it, and its default recipe per device kind (cpu, gpu).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 
+from cifar_hpo.data.decode import IMAGE_SIZE
 from cifar_hpo.errors import UserError
 from cifar_hpo.models.fast import fast_cnn
-from cifar_hpo.models.pretrained import _DENSENET121_STAGES, _PRETRAINED_KEYS, _RESNET18_STAGES, densenet121, resnet18
+from cifar_hpo.models.pretrained import _DENSENET121_STAGES, _RESNET18_STAGES, densenet121, resnet18
 from cifar_hpo.models.simple import baseline_cnn, mlp
 from cifar_hpo.params import TrialParams, parse_overrides
 
@@ -30,6 +32,87 @@ if TYPE_CHECKING:
 
 
 DEVICE_KINDS = ("cpu", "gpu")  # the recipe kinds; a study file picks one (`recipe = "cpu"`)
+
+
+ArchRule = Callable[[Any], str | None]  # an arch value -> what is wrong with it ("must be ..., got ..."), or None
+
+
+def _shown(value: Any) -> str:
+    """A value as the study file spells it (true/false, 'gelu', 0.5)."""
+    return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
+def _is_int(value: Any) -> bool:
+    """An int that is not a bool (bool is an int subclass: true is not a width)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(low: float, high: float, *, high_included: bool = True) -> ArchRule:
+    """A finite int or float in (low, high], or in (low, high) when not ``high_included``."""
+    bounds = f"({low:g}, {high:g}{']' if high_included else ')'}"
+
+    def rule(value: Any) -> str | None:
+        finite = _is_int(value) or (isinstance(value, float) and math.isfinite(value))
+        ok = finite and low < value and (value <= high if high_included else value < high)
+        return None if ok else f"must be a finite number in {bounds}, got {_shown(value)}"
+
+    return rule
+
+
+def _integer(low: int, high: int, *, off: bool = False) -> ArchRule:
+    """An int in [low, high]; with ``off``, 0 (the option switched off) as well."""
+    what = f"{'0 (off) or ' if off else ''}an integer in [{low}, {high}]"
+
+    def rule(value: Any) -> str | None:
+        ok = _is_int(value) and (low <= value <= high or (off and value == 0))
+        return None if ok else f"must be {what}, got {_shown(value)}"
+
+    return rule
+
+
+def _integers(count: int, low: int, high: int) -> ArchRule:
+    """A list of ``count`` ints, each in [low, high]."""
+
+    def rule(value: Any) -> str | None:
+        ok = isinstance(value, list | tuple) and len(value) == count and all(_is_int(v) and low <= v <= high for v in value)
+        return None if ok else f"must be a list of {count} integers in [{low}, {high}], got {_shown(value)}"
+
+    return rule
+
+
+def _one_of(*choices: Any, what: str = "") -> ArchRule:
+    """One of ``choices``, of the same type (1 is not true, 1.0 is not 1); ``what`` says them in words."""
+    what = what or f"one of {', '.join(_shown(c) for c in choices)}"
+
+    def rule(value: Any) -> str | None:
+        ok = any(type(value) is type(c) and value == c for c in choices)
+        return None if ok else f"must be {what}, got {_shown(value)}"
+
+    return rule
+
+
+_FLAG = _one_of(False, True)
+
+
+# fast_cnn (models.fast): `width` multiplies 64/256/256 channels (at least 8 each); `widths` sets them.
+# The upper bounds stop a slip (width = 64 meant as channels) from building a network that never trains.
+_FAST_CNN_ARCH: dict[str, ArchRule] = {
+    "width": _number(0, 4), "widths": _integers(3, 1, 4096), "act": _one_of("gelu", "relu"),
+    "tta": _one_of(0, 1, 2, False, True, what="0, 1 or 2 (or false/true)"),  # as FastCNN says it
+    "logit_scale": _number(0, math.inf, high_included=False), "bn_momentum": _number(0, 1, high_included=False),
+    "stem_stride": _one_of(1, 2), "identity_init": _FLAG,
+}  # fmt: skip
+
+
+# resnet18 / densenet121 (models.pretrained): `upsample` resizes each input to that size (0: off);
+# below the input size it would shrink the images instead.
+_PRETRAINED_ARCH: dict[str, ArchRule] = {
+    "head_hidden": _integer(1, 16384), "cifar_stem": _FLAG, "upsample": _integer(IMAGE_SIZE, 512, off=True),
+}  # fmt: skip
+
+
+# mlp (models.simple): its first layer reads image_size**2 pixels, and every image is decoded to IMAGE_SIZE.
+_MLP_ARCH: dict[str, ArchRule] = {"hidden": _integer(1, 16384), "depth": _integer(1, 32), "image_size": _one_of(IMAGE_SIZE)}
 
 
 class DataInit(Protocol):
@@ -72,8 +155,10 @@ class Model:
 
     Attributes:
         build: ``build(params, num_classes) -> nn.Module``.
-        arch_keys: the ``params.arch`` options the builder reads; any other is refused
-            (a typo would otherwise be ignored silently).
+        arch_rules: the ``params.arch`` options the builder reads, each with the rule its
+            value must follow (`ArchRule`), checked when a study file loads, on
+            ``train --set arch.KEY=...`` and in `build`; any other option is refused (a
+            typo would otherwise be ignored silently), see `arch_keys`.
         stages: backbone stages from the top (output side) down, for
             ``params.finetune_depth``: depth d trains the first d entries (plus the new
             head), 0 only the head, ``len(stages)`` everything; the last entry is the
@@ -87,10 +172,27 @@ class Model:
     """
 
     build: Callable[[TrialParams, int], nn.Module]
-    arch_keys: frozenset[str]
+    arch_rules: Mapping[str, ArchRule]
     recipes: dict[str, TrialParams]
     stages: tuple[tuple[str, ...], ...] = ()
     capabilities: Capabilities = Capabilities()
+
+    @property
+    def arch_keys(self) -> frozenset[str]:
+        """The ``params.arch`` options the builder reads."""
+        return frozenset(self.arch_rules)
+
+    def arch_problem(self, arch: Mapping[str, Any]) -> tuple[str, str] | None:
+        """The first option of ``arch`` whose value breaks its rule and what is wrong with it, or None.
+
+        Options the model does not read are left to the caller, which names them in its own terms.
+        """
+        for key, value in arch.items():
+            rule = self.arch_rules.get(key)
+            problem = rule(value) if rule is not None else None
+            if problem is not None:
+                return key, problem
+        return None
 
 
 def _same_on_both(params: TrialParams) -> dict[str, TrialParams]:
@@ -130,7 +232,7 @@ MODELS: dict[str, Model] = {
     # rotations at full strength (the reference every report compares against).
     "baseline_cnn": Model(
         build=baseline_cnn,
-        arch_keys=frozenset(),
+        arch_rules={},
         recipes=_same_on_both(TrialParams(
             model="baseline_cnn", optimizer="adam", lr=3e-3, batch_size=128, schedule="constant",
             aug_strength=1.0, aug_ops=("flip", "rotate"),
@@ -139,7 +241,7 @@ MODELS: dict[str, Model] = {
     # Adam lr 1e-3 with cosine decay, dropout 0.1, flips.
     "mlp": Model(
         build=mlp,
-        arch_keys=frozenset({"hidden", "depth", "image_size"}),
+        arch_rules=_MLP_ARCH,
         recipes=_same_on_both(TrialParams(
             model="mlp", lr=1e-3, batch_size=256, optimizer="adam", schedule="cosine", warmup_frac=0.05, dropout=0.1,
             aug_strength=1.0, aug_ops=("flip",), arch={"hidden": 1024, "depth": 2},
@@ -147,20 +249,20 @@ MODELS: dict[str, Model] = {
     ),
     "resnet18": Model(
         build=resnet18,
-        arch_keys=_PRETRAINED_KEYS,
+        arch_rules=_PRETRAINED_ARCH,
         recipes=_same_on_both(_from_scratch_recipe("resnet18")),
         stages=_RESNET18_STAGES,
     ),
     "densenet121": Model(
         build=densenet121,
-        arch_keys=_PRETRAINED_KEYS,
+        arch_rules=_PRETRAINED_ARCH,
         recipes=_same_on_both(_from_scratch_recipe("densenet121")),
         stages=_DENSENET121_STAGES,
     ),
     # The airbench94 network and recipe; the same on a GPU at airbench's batch 1024.
     "fast_cnn": Model(
         build=fast_cnn,
-        arch_keys=frozenset({"widths", "width", "act", "tta", "logit_scale", "bn_momentum", "stem_stride", "identity_init"}),
+        arch_rules=_FAST_CNN_ARCH,
         recipes={
             "cpu": _FAST_CNN,
             "gpu": _FAST_CNN.replace(lr=1.5, batch_size=1024, precision="auto"),
@@ -187,14 +289,17 @@ def build(params: TrialParams, num_classes: int) -> nn.Module:
 
     Raises:
         UserError: unknown model name (the message lists the valid ones), an arch
-            option the model does not read, or pretrained weights that are neither
-            cached nor downloadable.
+            option the model does not read or a value it refuses (`Model.arch_rules`),
+            or pretrained weights that are neither cached nor downloadable.
     """
     entry = get(params.model)
     unknown = sorted(set(params.arch) - entry.arch_keys)
     if unknown:
         valid = ", ".join(sorted(entry.arch_keys)) or "none"
         raise UserError(f"{params.model}: unknown arch option(s) {', '.join(unknown)}; valid: {valid}")
+    bad = entry.arch_problem(params.arch)
+    if bad is not None:
+        raise UserError(f"{params.model}: arch.{bad[0]} {bad[1]}")
     return entry.build(params, num_classes)
 
 
@@ -229,8 +334,20 @@ def params_for(model_name: str, overrides: list[str], device: torch.device | str
     """`models.default_params` of ``model_name`` with ``--set key=value`` overrides.
 
     ``arch.*`` overrides are merged into the default arch dict, not replacing it.
+
+    Raises:
+        UserError: an unknown field, a value of the wrong type, or an arch value the model refuses.
     """
     base = default_params(model_name, device)
+    return apply_changes(base, checked_changes(base, overrides))
+
+
+def checked_changes(base: TrialParams, overrides: list[str]) -> dict[str, Any]:
+    """``--set key=value`` strings as typed changes of ``base`` (``arch``: only the keys set), checked.
+
+    Raises:
+        UserError: an unknown field, a value of the wrong type, or an arch value ``base.model`` refuses.
+    """
     changes = parse_overrides(overrides)
     changes.pop("model", None)
     names = [f.name for f in dataclasses.fields(base) if f.name != "model"]
@@ -242,8 +359,21 @@ def params_for(model_name: str, overrides: list[str], device: torch.device | str
             changes[key] = value = float(value)
         if not isinstance(value, type(current)) or isinstance(value, bool) != isinstance(current, bool):
             if key == "arch":
-                raise UserError(f"--set arch={value}: set one key of arch at a time, e.g. --set arch.width=64")
+                raise UserError(f"--set arch={value}: set one key of arch at a time, e.g. --set arch.width=0.5")
             raise UserError(f"--set {key}={value}: must be {type(current).__name__}, like the default {key}={current}")
     if "arch" in changes:
-        changes["arch"] = {**base.arch, **changes["arch"]}
-    return base.replace(**changes)
+        bad = get(base.model).arch_problem(changes["arch"])
+        if bad is not None:
+            raise UserError(f"--set arch.{bad[0]}={changes['arch'][bad[0]]}: {bad[1]}")
+    return changes
+
+
+def apply_changes(params: TrialParams, changes: dict[str, Any]) -> TrialParams:
+    """``params`` with `checked_changes` applied; ``arch`` keys are merged into its arch, not replacing it."""
+    if not changes:
+        return params
+    if "arch" in changes:
+        changes = {**changes, "arch": {**params.arch, **changes["arch"]}}
+    if isinstance(changes.get("aug_ops"), list):  # read back from a study's recorded spec (JSON has no tuples)
+        changes = {**changes, "aug_ops": tuple(changes["aug_ops"])}
+    return params.replace(**changes)

@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 from cifar_hpo import storage
 from cifar_hpo.errors import UserError
 from cifar_hpo.models.final import FINAL_NAME, load_final
+from cifar_hpo.storage import record
 
 BASELINE = "baseline"  # study whose final model is the reference
 
@@ -340,3 +341,29 @@ def _ranks(x: np.ndarray) -> np.ndarray:
         if tie.sum() > 1:
             ranks[tie] = ranks[tie].mean()
     return ranks
+
+
+def anytime_data(study: optuna.Study, baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Best validation accuracy against the device hours the study's trials spent: the anytime curve.
+
+    Every trial that ended (complete, pruned or failed) is charged its device time
+    (`record.device_seconds`) when it ended, so the x axis is what the search cost on all
+    workers and machines together; the best value moves only at complete trials. With
+    ``baseline`` (the baseline's final model), its cost is one of its training runs (mean over
+    its seeds, on train + validation) and its accuracy is its test accuracy: a reference on the
+    same cost axis, not a validation score.
+    """
+    ended = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and t.datetime_complete is not None]
+    ended.sort(key=lambda t: (t.datetime_complete, t.number))
+    spent, best, points = 0.0, None, []
+    for t in ended:
+        spent += record.device_seconds(t)
+        if t.state == TrialState.COMPLETE and t.value is not None:
+            best = t.value if best is None else max(best, t.value)
+        points.append({"trial": t.number, "state": t.state.name.lower(), "device_hours": spent / 3600, "best": best})
+    counts = {s: sum(p["state"] == s for p in points) for s in ("complete", "pruned", "fail")}
+    out: dict[str, Any] = {"study": study.study_name, "points": points, "device_hours": spent / 3600, **counts}
+    if baseline is not None and baseline.get("train_seconds"):
+        out["baseline"] = {"device_hours": float(np.mean(baseline["train_seconds"])) / 3600,
+                           "test_acc": float(baseline["test_acc_mean"])}  # fmt: skip
+    return out

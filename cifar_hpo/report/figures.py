@@ -194,24 +194,50 @@ def draw_intermediate(data: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
+def _best_so_far(ax: Any, points: list[dict[str, Any]], x: str, counts: dict[str, Any]) -> None:
+    """The best value so far as a step line over ``x``; complete and pruned trials marked where they ended."""
+    pts = [p for p in points if p["best"] is not None]
+    ax.step([p[x] for p in pts], [100 * p["best"] for p in pts], where="post", color="tab:blue", label="best so far")
+    for state, marker, color in (("complete", "o", "tab:blue"), ("pruned", "x", "tab:red")):
+        sel = [p for p in pts if p["state"] == state]
+        ax.plot([p[x] for p in sel], [100 * p["best"] for p in sel], marker, color=color, ls="none",
+                label=f"{state} trial ({counts[state]})")  # fmt: skip
+    ax.set_ylabel("best validation accuracy (%)")
+    ax.grid(alpha=0.3)
+
+
 def draw_pruning(data: dict[str, Any], path: Any) -> Any:
     """Best validation accuracy vs epochs consumed; pruned trials marked where they stopped."""
     plt = _plt()
 
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
-    pts = [p for p in data["points"] if p["best"] is not None]
-    ax.step([p["epochs"] for p in pts], [100 * p["best"] for p in pts], where="post", color="tab:blue", label="best so far")
-    for state, marker, color in (("complete", "o", "tab:blue"), ("pruned", "x", "tab:red")):
-        sel = [p for p in pts if p["state"] == state]
-        ax.plot([p["epochs"] for p in sel], [100 * p["best"] for p in sel], marker, color=color, ls="none",
-                label=f"{state} trial ({data[state]})")  # fmt: skip
+    _best_so_far(ax, data["points"], "epochs", data)
     ax.set_xlabel("epochs consumed (all trials)")
-    ax.set_ylabel("best validation accuracy (%)")
     ax.set_title(f"{data['study']}: best found vs epochs")
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
+
+
+def _time_unit(hours: float) -> tuple[float, str]:
+    """A scale and unit name that shows ``hours`` as a readable number (seconds, minutes or hours)."""
+    if hours >= 2:
+        return 1.0, "h"
+    return (60.0, "min") if hours * 60 >= 2 else (3600.0, "s")
+
+
+def draw_anytime(data: dict[str, Any], path: Path) -> Path:
+    """Best validation accuracy vs device time spent (`anytime_data`); the baseline's cost and test accuracy marked."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    scale, unit = _time_unit(data["device_hours"])
+    points = [{**p, "device_time": p["device_hours"] * scale} for p in data["points"]]
+    _best_so_far(ax, points, "device_time", data)
+    base = data.get("baseline")
+    if base is not None:
+        ax.axhline(100 * base["test_acc"], color="gray", ls="--", lw=1)
+        ax.plot([base["device_hours"] * scale], [100 * base["test_acc"]], "*", color="gray", ms=10,
+                label=f"baseline: test accuracy, one training run ({base['device_hours'] * scale:.3g} {unit})")  # fmt: skip
+    ax.set_xlabel(f"device time spent ({unit}; all trials, all workers)")
+    ax.set_title(f"{data['study']}: best found vs compute ({data['device_hours'] * scale:.3g} device {unit})")
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, path)

@@ -92,7 +92,10 @@ def _caption(name: str) -> str:
         return f"confusion matrix of {name[len('confusion_'):-4]} on the test split (% of each true class, counts summed over seeds)"
     for suffix, what in (("_history.png", "optimization history: validation accuracy per trial, best so far"),
                          ("_importance.png", "parameter importances"),
-                         ("_intermediate.png", "validation accuracy per epoch of every trial (pruned dashed)")):  # fmt: skip
+                         ("_intermediate.png", "validation accuracy per epoch of every trial (pruned dashed)"),
+                         ("_pruning.png", "best validation accuracy vs epochs consumed by all trials"),
+                         ("_anytime.png", "best validation accuracy vs device time spent by all trials (star: the baseline's "
+                                          "test accuracy and the cost of one of its training runs)")):  # fmt: skip
         if name.startswith("study_") and name.endswith(suffix):
             return f"study {name[len('study_'):-len(suffix)]}: {what}"
     return name

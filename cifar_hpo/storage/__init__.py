@@ -10,6 +10,7 @@
 - `record`: the trial record: every attribute a trial writes (typed), its fail kinds, one writer and one reader.
 - `artifacts`: Optuna's artifact store beside the database, atomic and owner-only.
 - `checkpoint`: atomic file writes and size-bounded, weights-only loads (imports torch: not re-exported).
+- `refused`: writes the disk refuses (no space, read-only file system or file), each as one line that names it.
 - `optuna_compat`: every private Optuna name this project relies on, each tested.
 
 Imports go connection -> sqlite -> heartbeat -> database; storage imports no other layer of cifar_hpo.

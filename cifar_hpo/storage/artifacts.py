@@ -9,6 +9,8 @@ from typing import Any
 import optuna
 from sqlalchemy.engine import make_url
 
+from cifar_hpo.storage.refused import refusing
+
 
 def artifact_dir(url: str, results: Path) -> Path:
     """The artifact store's folder: beside an SQLite file, else ``results/artifacts``."""
@@ -48,5 +50,6 @@ class _OwnerOnlyArtifactStore(optuna.artifacts.FileSystemArtifactStore):
 def artifact_store(url: str, results: Path) -> optuna.artifacts.FileSystemArtifactStore:
     """Optuna's file-system artifact store for this storage (created if needed)."""
     folder = artifact_dir(url, results)
-    folder.mkdir(parents=True, exist_ok=True)
+    with refusing(folder):
+        folder.mkdir(parents=True, exist_ok=True)
     return _OwnerOnlyArtifactStore(str(folder))

@@ -22,6 +22,7 @@ from typing import Any, BinaryIO
 import torch
 
 from cifar_hpo.errors import UserError, first_line
+from cifar_hpo.storage.refused import refusing
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], object], mode: int = 0o600) -> None:
@@ -29,22 +30,27 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
 
     A crash or an exception at any point leaves either the old file or the new
     one, never a partial one, and no temp file behind.
+
+    Raises:
+        WriteRefused: no space left, a read-only file system, no permission (its one line names
+            ``path`` and the file system); also an OSError.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The writer's host and pid are in the name, so that `remove_stale_tmp` can tell a file left by
-    # a killed writer (SIGKILL, power loss) from one being written right now.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}-{os.getpid()}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with refusing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # The writer's host and pid are in the name, so that `remove_stale_tmp` can tell a file left by
+        # a killed writer (SIGKILL, power loss) from one being written right now.
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}-{os.getpid()}-", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, mode)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     _fsync_dir(path.parent)
 
 
@@ -53,14 +59,16 @@ _TMP_NAME = re.compile(r"^\..+\.(?P<host>[^.-]+)-(?P<pid>\d+)-[^.]*\.tmp$")
 STALE_TMP_S = 24 * 3600  # a temp file of another host (shared folder) this old is abandoned
 
 
-def remove_stale_tmp(folder: str | os.PathLike[str]) -> int:
+def remove_stale_tmp(folder: str | os.PathLike[str], *, recursive: bool = True) -> int:
     """Delete temp files under ``folder`` whose writer is gone: a dead pid on this host, or a day old.
+
+    ``recursive``: also in its subfolders (else only in ``folder`` itself).
 
     Returns:
         How many files were deleted.
     """
     removed = 0
-    for tmp in Path(folder).rglob(".*.tmp"):
+    for tmp in (Path(folder).rglob if recursive else Path(folder).glob)(".*.tmp"):
         m = _TMP_NAME.match(tmp.name)
         try:
             if m and m["host"] == _HOST:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -51,15 +53,58 @@ def retried_trial_number(trial: optuna.Trial) -> int | None:
     return None if value is None else int(value)
 
 
-def earlier_retry(study: optuna.Study, trial: optuna.Trial) -> int | None:
-    """Number of an earlier retry of the trial that ``trial`` retries (then ``trial`` is a duplicate), or None."""
-    history = trial.storage.get_trial_system_attrs(optuna_compat.trial_id(trial)).get("retry_history") or []
+def lineage(trial: optuna.trial.FrozenTrial) -> int:
+    """Number of the first trial of ``trial``'s lineage: its own, or that of the killed or interrupted trial it retries."""
+    first = trial.system_attrs.get("failed_trial")  # written by the retry callback, kept by every later retry
+    return trial.number if first is None else int(first)
+
+
+def _retries(trial: optuna.trial.FrozenTrial) -> list[int]:
+    """The trials ``trial`` retries, first to last (empty for a trial that is no retry)."""
+    return list(trial.system_attrs.get("retry_history") or [])
+
+
+def earlier_retry(trials: Sequence[optuna.trial.FrozenTrial], trial: optuna.trial.FrozenTrial) -> int | None:
+    """Number of the retry (in ``trials``) that runs instead of ``trial``, a second retry of the same trial; or None.
+
+    Two workers may re-queue one lost trial: the retry numbered first runs. A second retry that was
+    itself killed (or cut off) before it stood down is retried in turn; that retry is a second one too.
+    """
+    history = _retries(trial)
     if not history:
         return None
-    for t in study.get_trials(deepcopy=False):
-        if t.number < trial.number and (t.system_attrs.get("retry_history") or [None])[-1] == history[-1]:
+    for t in trials:
+        if t.number < trial.number and _retries(t)[-1:] == history[-1:]:
             return t.number
-    return None
+    parent = next((t for t in trials if t.number == history[-1]), None)
+    return None if parent is None else earlier_retry(trials, parent)
+
+
+def awaiting_retry(trials: Sequence[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """Trials failed as stale, with a retry left (``MAX_RETRY``), that no trial of ``trials`` retries yet.
+
+    Failing a stale trial and adding its retry are two writes. Between them (milliseconds; longer
+    through a database outage) the trial awaits its retry, and for ever if the worker that wrote the
+    FAIL was killed in between: such a trial still holds its place in the study, like a RUNNING one.
+    """
+    retried = {_retries(t)[-1] for t in trials if _retries(t)}
+    return [t for t in trials
+            if t.state == TrialState.FAIL and t.number not in retried and record.read(t).fail_kind is record.FailKind.STALE
+            and len(_retries(t)) + 1 <= MAX_RETRY]  # fmt: skip
+
+
+def requeue(study: optuna.Study, trials: Sequence[optuna.trial.FrozenTrial]) -> bool:
+    """Add the retry of each of ``trials`` (failed as stale) now, as the worker that failed it would have.
+
+    Returns:
+        False when the study's storage retries nothing (opened without heartbeats).
+    """
+    callback = optuna_compat.stale_trial_callback(optuna_compat.study_storage(study))
+    if callback is None:
+        return False
+    for t in trials:
+        callback(study, copy.deepcopy(t))  # the callback appends to the trial's retry history in place
+    return True
 
 
 def requeue_interrupted(study: optuna.Study, trial_number: int) -> None:
@@ -133,17 +178,10 @@ class HeartbeatStorage(optuna.storages.RDBStorage):
         still writing: the later retry then stands down when taken (``earlier_retry``), so an early
         re-queue costs nothing but a surplus row.
         """
-        callback = optuna_compat.stale_trial_callback(self)
-        if callback is None:
-            return
-        trials = self.get_all_trials(study_id, deepcopy=False)
-        retried = {(t.system_attrs.get("retry_history") or [None])[-1] for t in trials}
-        for t in trials:
-            if (t.state == TrialState.FAIL and t.number not in retried
-                    and record.read(t).fail_kind is record.FailKind.STALE
-                    and len(t.system_attrs.get("retry_history") or []) + 1 <= MAX_RETRY
-                    and t.datetime_complete is not None and t.datetime_complete.astimezone(UTC) < cutoff):  # fmt: skip
-                callback(optuna.load_study(study_name=self.get_study_name_from_id(study_id), storage=self), t)
+        due = [t for t in awaiting_retry(self.get_all_trials(study_id, deepcopy=False))
+               if t.datetime_complete is not None and t.datetime_complete.astimezone(UTC) < cutoff]  # fmt: skip
+        if due:
+            requeue(optuna.load_study(study_name=self.get_study_name_from_id(study_id), storage=self), due)
 
     def _fail_and_requeue(self, study_id: int, trial_id: int) -> None:
         """Fail stale trial ``trial_id`` and, if this process failed it, re-queue it at once.
@@ -196,7 +234,7 @@ class HeartbeatStorage(optuna.storages.RDBStorage):
 
 def _has_retry(st: optuna.storages.RDBStorage, study_id: int, number: int) -> bool:
     """Whether the study holds a retry of trial ``number`` (a trial whose retry history ends with it)."""
-    return any((t.system_attrs.get("retry_history") or [None])[-1] == number for t in st.get_all_trials(study_id, deepcopy=False))
+    return any(_retries(t)[-1:] == [number] for t in st.get_all_trials(study_id, deepcopy=False))
 
 
 def _with_heartbeat(engine: sqlalchemy.engine.Engine, trial_ids: list[int]) -> set[int]:

@@ -21,6 +21,7 @@ import dataclasses
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import optuna
@@ -38,6 +39,9 @@ class FailKind(enum.Enum):
     INTERRUPTED = "interrupted"  # Ctrl-C or SIGTERM; re-queued to resume from its last snapshot
     NONFINITE = "nonfinite"  # the training loss became NaN or infinite (study.objective.NonFiniteLoss)
     OUT_OF_MEMORY = "out_of_memory"  # torch.cuda.OutOfMemoryError
+    # A file or the database could not be written (no space left, read-only); re-queued, and the run stopped.
+    # New in this version: older ones read the reason as ERROR.
+    NOT_SAVED = "not_saved"
     ERROR = "error"  # any other exception
 
 
@@ -51,6 +55,7 @@ _FIRST_WORD: dict[FailKind, tuple[str, str]] = {
     FailKind.INTERRUPTED: ("interrupted", " "),
     FailKind.NONFINITE: ("NonFiniteLoss", ": "),
     FailKind.OUT_OF_MEMORY: ("OutOfMemoryError", ": "),
+    FailKind.NOT_SAVED: ("not saved", ": "),  # "not saved: no space left on /data (writing ...); re-queued"
 }
 
 
@@ -265,3 +270,22 @@ def _str(value: Any) -> str | None:
 
 def _dict(value: Any) -> dict[str, Any] | None:
     return dict(value) if isinstance(value, dict) else None
+
+
+def device_seconds(trial: optuna.trial.FrozenTrial) -> float:
+    """Seconds of device time the trial used: its recorded ``wall_s``, else start to end (or to now, while it runs).
+
+    ``wall_s`` counts this trial's own training (a retry's, not its killed original's). A trial that
+    recorded none (failed, killed, still running) is charged from its start to its end: for a trial
+    failed as stale that includes the heartbeat grace period, a small overcount. A trial that never
+    started (WAITING) used nothing.
+    """
+    wall = read(trial).wall_s
+    if wall is not None:
+        return wall
+    start = trial.datetime_start
+    if start is None or trial.state == optuna.trial.TrialState.WAITING:  # a re-queued retry carries no time of its own
+        return 0.0
+    # Optuna 4 stores naive local times, Optuna 5 aware UTC ones: compare each with its own kind.
+    end = trial.datetime_complete or datetime.now(start.tzinfo)
+    return max(0.0, (end - start).total_seconds())

@@ -1,11 +1,18 @@
 """Create a study in its database, or check that the existing one is the same study; its sampler (its pruner: `pruning.make_pruner`).
 
+    refuse_foreign(spec, url)                            # `cifar-hpo run`, reading only, before it opens the database to write
     study = open_study(spec, url, data.split_hash, st)   # `cifar-hpo run` before any worker starts
+
+A study of ours is one that ``run`` created: every version wrote its split (``split_hash``) and
+its spec as study attributes at once. A study of the same name that another tool made is refused
+and never written to, nor is a study of ours continued with another direction, split or epochs
+per trial once it has finished trials.
 """
 
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from typing import Any
 
@@ -13,8 +20,16 @@ import optuna
 
 from cifar_hpo import storage
 from cifar_hpo.errors import UserError
+from cifar_hpo.study.objective import finished_count
 from cifar_hpo.study.pruning import make_pruner
 from cifar_hpo.study.spec import StudySpec
+
+# How long a study of that name without our attributes may be one that a run started at the same
+# moment is creating (it writes them a few milliseconds after creating the study).
+CREATING_S = 5.0
+
+
+OURS = ("split_hash", "spec")  # study attributes every version of ``run`` wrote when it created a study
 
 
 def sampler_seed(spec: StudySpec) -> int:
@@ -49,40 +64,115 @@ def split_attrs(spec: StudySpec, split_hash: str) -> dict[str, Any]:
     return {"split_hash": split_hash, "data": d.source, "subset": d.subset, "val_fraction": d.val_fraction}
 
 
-def open_study(spec: StudySpec, url: str, split_hash: str, st: optuna.storages.RDBStorage | None = None) -> optuna.Study:
-    """Create the study, or check that an existing one has the same direction and split.
+def _summary(st: optuna.storages.BaseStorage, name: str) -> optuna.study.StudySummary | None:
+    """The summary of study ``name`` in ``st``, or None (read only)."""
+    return next((s for s in optuna.get_all_study_summaries(st, include_best_trial=False) if s.study_name == name), None)
 
-    ``st``: the storage this process already opened on ``url`` (one per process where one will do).
+
+def _ours(summary: optuna.study.StudySummary) -> bool:
+    """Whether ``cifar-hpo run`` made the study (it has one of the attributes `OURS`)."""
+    return any(key in summary.user_attrs for key in OURS)
+
+
+def existing_study(spec: StudySpec, url: str, st: optuna.storages.BaseStorage) -> optuna.study.StudySummary | None:
+    """The study ``spec.name`` at ``url`` when there is one, made by ``cifar-hpo run``.
 
     Raises:
-        UserError: the name exists with another direction or split (nothing is written then).
+        UserError: a study of that name that another tool made (it is left as it is).
+    """
+    summary = _summary(st, spec.name)
+    deadline = time.monotonic() + CREATING_S
+    while summary is not None and not _ours(summary) and summary.n_trials == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)  # perhaps a run started at the same moment, about to write its attributes
+        summary = _summary(st, spec.name)
+    if summary is not None and not _ours(summary):
+        raise UserError(
+            f"study {spec.name!r} in {storage.mask_url(url)} was not made by cifar-hpo (it has none of the attributes "
+            f"a run records, {', '.join(OURS)}), so it is left alone; use another study name (name = ... in the "
+            "study file) or another --storage"
+        )
+    return summary
+
+
+def _check_same_study(spec: StudySpec, url: str, st: optuna.storages.BaseStorage, existing: optuna.study.StudySummary,
+                      split_hash: str | None) -> None:  # fmt: skip
+    """Refuse to continue ``existing`` with another direction, split (where ``split_hash`` is known) or epochs per trial.
+
+    Raises:
+        UserError: it differs (nothing is written then).
+    """
+    shown = storage.mask_url(url)
+    direction = existing.directions[0].name.lower() if existing.directions else "?"
+    if direction != spec.direction:
+        raise UserError(
+            f"study {spec.name!r} in {shown} maximizes/minimizes differently ({direction}); "
+            "use another study name (name = ... in the study file) or another --storage"
+        )
+    had = existing.user_attrs.get("split_hash")
+    if split_hash is not None and had is not None and had != split_hash:
+        wanted = split_attrs(spec, split_hash)
+        old = {k: existing.user_attrs.get(k) for k in ("data", "subset", "val_fraction")}
+        raise UserError(
+            f"study {spec.name!r} in {shown} was run on another split ({old}, hash {had}); "
+            f"this run's is ({ {k: wanted[k] for k in old} }, hash {split_hash}): use the same --data/--subset, "
+            "another --storage, or a study file with another name"
+        )
+    ran = (existing.user_attrs.get("spec") or {}).get("epochs")
+    if ran is not None and ran != spec.epochs:
+        # The pruner compares trials epoch by epoch and the best is retrained for the study's epochs: one length per study.
+        finished = finished_count(optuna.load_study(study_name=spec.name, storage=st))
+        if finished:
+            raise UserError(
+                f"study {spec.name!r} in {shown} has {finished} finished trials of {ran} epochs each and this run asks "
+                f"for {spec.epochs}: run it with --epochs {ran}, or use another study name (name = ... in the study file) "
+                "or another --storage"
+            )
+
+
+def refuse_foreign(spec: StudySpec, url: str) -> None:
+    """Refuse, reading only, a study at ``url`` that `open_study` would refuse before it knows the split.
+
+    ``run`` calls it before it opens an existing database to write: opening one sets an SQLite
+    file's journal mode, a write already, and the database may be another tool's.
+
+    Raises:
+        UserError: a study of that name made by another tool, or of ours with another direction or epochs.
+    """
+    st = storage.open_existing(url, empty_ok=True)
+    if st is None:
+        return
+    try:
+        existing = existing_study(spec, url, st)
+        if existing is not None:
+            _check_same_study(spec, url, st, existing, None)
+    finally:
+        st.engine.dispose()  # its read-only connections are not needed again
+
+
+def open_study(spec: StudySpec, url: str, split_hash: str, st: optuna.storages.RDBStorage | None = None) -> optuna.Study:
+    """Create the study, or check that an existing one is ours, with the same direction, split and epochs.
+
+    ``st``: the storage this process already opened on ``url`` (one per process where one will do).
+    An existing study without finished trials takes this run's epochs (its recorded ``spec`` follows).
+
+    Raises:
+        UserError: the name exists, made by another tool, or with another direction, split or (once
+            it has finished trials) epochs per trial; nothing is written then.
     """
     st = st or storage.open_storage(url)
-    summaries = {s.study_name: s for s in optuna.get_all_study_summaries(st, include_best_trial=False)}
-    wanted = split_attrs(spec, split_hash)
-    existing = summaries.get(spec.name)
+    existing = existing_study(spec, url, st)
     if existing is not None:
-        direction = existing.directions[0].name.lower() if existing.directions else "?"
-        if direction != spec.direction:
-            raise UserError(
-                f"study {spec.name!r} in {storage.mask_url(url)} maximizes/minimizes differently ({direction}); "
-                "use another study name (name = ... in the study file) or another --storage"
-            )
-        had = existing.user_attrs.get("split_hash")
-        if had is not None and had != split_hash:
-            old = {k: existing.user_attrs.get(k) for k in ("data", "subset", "val_fraction")}
-            raise UserError(
-                f"study {spec.name!r} in {storage.mask_url(url)} was run on another split ({old}, hash {had}); "
-                f"this run's is ({ {k: wanted[k] for k in old} }, hash {split_hash}): use the same --data/--subset, "
-                "another --storage, or a study file with another name"
-            )
+        _check_same_study(spec, url, st, existing, split_hash)
     study = optuna.create_study(
         study_name=spec.name, storage=st, direction="maximize", load_if_exists=True,  # spec checks direction
         sampler=make_sampler(spec, spec.seed), pruner=make_pruner(spec),
     )  # fmt: skip
     if existing is None:
+        wanted = split_attrs(spec, split_hash)
         for key, value in {**wanted, "model": spec.model, "search_space": spec.search_space, "spec": spec.to_dict()}.items():
             study.set_user_attr(key, value)
+    elif (existing.user_attrs.get("spec") or {}).get("epochs", spec.epochs) != spec.epochs:
+        study.set_user_attr("spec", spec.to_dict())  # no trial finished at the old length: the study is this run's
     if (existing is None or "uid" not in existing.user_attrs) and "uid" not in study.user_attrs:
         # Tells this study from an earlier one of the same name (another database, a deleted one): its snapshots are its own.
         study.set_user_attr("uid", uuid.uuid4().hex)

@@ -19,6 +19,7 @@ import optuna
 
 from cifar_hpo.storage import quiet_experimental
 from cifar_hpo.study import pruning
+from cifar_hpo.study.budget import duration_text
 from cifar_hpo.study.search_space import default_recipe, load_search_space
 from cifar_hpo.study.spec import StudySpec
 
@@ -97,6 +98,13 @@ def _metric_words(spec: StudySpec) -> str:
             "the trial's value is its best epoch's. Maximized.")  # fmt: skip
 
 
+def _budget_words(spec: StudySpec) -> str:
+    """The budget, when the study was created with one (`cifar_hpo.study.budget`)."""
+    if spec.budget_s is None:
+        return ""
+    return f" or a budget of {duration_text(spec.budget_s)} of device time over all trials and workers (whichever ends first)"
+
+
 def study_note(spec: StudySpec, split_hash: str, counts: tuple[int, int] | None = None) -> str:
     """The study's note in Markdown: what is measured, the spec, the data split and the search space in words."""
     d = spec.data
@@ -108,6 +116,7 @@ def study_note(spec: StudySpec, split_hash: str, counts: tuple[int, int] | None 
         space_text = f"(could not be described: {type(e).__name__}; see `search_spaces/{spec.search_space}.py`)"
     images = f": {counts[0]:,} training / {counts[1]:,} validation images" if counts else ""
     subset = f", stratified subset of {d.subset:,} training images" if d.subset else ""
+    wanted = f"{spec.trials} finished trials wanted{_budget_words(spec)}"
     return f"""## {spec.name}: {spec.model}
 
 {spec.description.strip()}
@@ -116,7 +125,7 @@ def study_note(spec: StudySpec, split_hash: str, counts: tuple[int, int] | None 
 The test split is never used by a trial.
 
 **Spec**: model `{spec.model}`, search space `{spec.search_space}` (`search_spaces/{spec.search_space}.py`), {spec.epochs} epochs
-per trial, {spec.trials} finished trials wanted, sampler {_sampler_words(spec)}, pruner {pruning.pruner_words(spec)}, seed {spec.seed}.
+per trial, {wanted}, sampler {_sampler_words(spec)}, pruner {pruning.pruner_words(spec)}, seed {spec.seed}.
 
 **Data split**: `{d.source}`{subset}; {100 * d.val_fraction:g} % of the training images held out for validation,
 stratified, split seed {d.split_seed}{images}. Split hash `{split_hash}` (every trial records it).

@@ -5,7 +5,14 @@ One ``Context`` is built per worker process (data already on the device);
 FAIL with its reason in the user attribute ``fail_reason`` (`storage.record`); a non-finite loss
 fails the trial (never a NaN score). A trial interrupted by Ctrl-C or SIGTERM
 is failed and re-queued with the same parameters, and its retry (like the
-retry of a trial whose worker was killed) resumes from the last snapshot.
+retry of a trial whose worker was killed) resumes from the last snapshot. A
+write the disk refuses (no space left, read-only) fails and re-queues the trial
+the same way and stops the run (`TrialNotSaved`).
+
+A trial's files (its resumable snapshot) live in ``results/<study>/<uid>/trials/<n>/``
+(`trial_folder`): keyed by the study's identity in its database, so that studies of
+the same name in other databases, sharing one results folder, never touch them.
+The previous version's ``results/<study>/trials/<n>/`` is still resumed from.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -30,6 +38,7 @@ from cifar_hpo.device import device_name, library_versions
 from cifar_hpo.errors import UserError
 from cifar_hpo.params import TrialParams
 from cifar_hpo.storage import checkpoint, optuna_compat, record
+from cifar_hpo.storage.refused import WriteRefused, refusal, refusing
 from cifar_hpo.study import pruning
 from cifar_hpo.study.spec import StudySpec
 
@@ -49,13 +58,24 @@ class Interrupted(KeyboardInterrupt):
     """SIGTERM (preemption) turned into an interrupt, so the trial is saved and marked."""
 
 
+class TrialNotSaved(BaseException):
+    """A write the disk refused (no space left, read-only) stopped the trial, and stops the run.
+
+    Neither the trial's fault nor a lost connection, and retrying does not help until the user frees
+    space: the trial is failed with the reason and re-queued (its snapshot kept, so its retry resumes),
+    or, where the database itself refuses, left RUNNING to be failed as stale and retried by the
+    next run. A BaseException, so that Optuna records nothing more (it could not, or it would count
+    a failure), and the worker's loop stops with the refusal's one line (`refused.refusals_as_one_line`).
+    """
+
+
 @dataclass
 class Context:
     """What every trial of one worker process shares."""
 
     spec: StudySpec
     data: Any  # data.DeviceData, on the training device
-    results: Path  # results folder; trial files go to results/<study>/trials/<n>/
+    results: Path  # results folder; trial files go to results/<study>/<uid>/trials/<n>/ (`trial_folder`)
     store: optuna.artifacts.FileSystemArtifactStore
     target_trials: int
     log: Callable[[str], None] = print
@@ -66,9 +86,31 @@ class Context:
     # away, so a lost connection does not throw a trained trial's result away.
     until_written: Callable[[Callable[[], Any]], Any] = field(default=lambda write: write())
 
-    @property
-    def trials_dir(self) -> Path:
-        return self.results / self.spec.name / "trials"
+
+def study_uid(study: optuna.Study) -> str:
+    """The study's identity in its database (its ``uid`` user attribute, set by `create.open_study`).
+
+    Tells it from another study of the same name (another database, or a deleted one). A study
+    made elsewhere without one is named by its name and id in its database.
+    """
+    uid = study.user_attrs.get("uid")
+    return str(uid) if uid else f"{study.study_name}#{optuna_compat.study_id(study)}"
+
+
+def study_folder(results: Path, study: optuna.Study) -> Path:
+    """``results/<study>/<uid>/``: the files of this study alone (`study_uid`, made safe as one folder name)."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", study_uid(study))[:64]
+    return results / study.study_name / name
+
+
+def trial_folder(results: Path, study: optuna.Study, lineage: int) -> Path:
+    """Where trial ``lineage`` (a retry: its first trial's number) keeps its resumable snapshot ``last.pt``."""
+    return study_folder(results, study) / "trials" / str(lineage)
+
+
+def legacy_trial_folder(results: Path, name: str, lineage: int) -> Path:
+    """``results/<study>/trials/<n>/``: the previous version's trial folder, shared by every study named ``name``."""
+    return results / name / "trials" / str(lineage)
 
 
 def finished_count(study: optuna.Study) -> int:
@@ -82,7 +124,8 @@ def objective(trial: optuna.Trial, ctx: Context) -> float:
 
     root = storage.retried_trial_number(trial)
     lineage = trial.number if root is None else root
-    folder = ctx.trials_dir / str(lineage)
+    folder = trial_folder(ctx.results, trial.study, lineage)
+    owned = [folder]  # deleted once the trial is over (with the previous version's folder it resumed from)
     last = folder / "last.pt"
     seed = ctx.spec.seed * 100_003 + lineage  # a retry trains with its original's seed
     started = time.time()
@@ -96,9 +139,9 @@ def objective(trial: optuna.Trial, ctx: Context) -> float:
         model = models.build(params, ctx.data.num_classes).to(ctx.data.device)
         record.write_params_count(trial, sum(p.numel() for p in model.parameters()))
         identity = snapshot_identity(trial, ctx, lineage)
-        resume = _own_snapshot(last, identity, ctx) if root is not None else None
-        if resume is None and folder.exists():
-            shutil.rmtree(folder, ignore_errors=True)  # another study's, another split's, or an unusable snapshot
+        resume, legacy = _snapshot_to_resume(folder, legacy_trial_folder(ctx.results, ctx.spec.name, lineage), identity, ctx,
+                                             retry=root is not None)  # fmt: skip
+        owned += [legacy] if legacy is not None else []
         if root is not None:
             record.clear_failure(trial)  # copied from the failed original; this retry has not failed
         # A retry inherits its original's reports; a retry without a snapshot re-trains those epochs.
@@ -130,14 +173,14 @@ def objective(trial: optuna.Trial, ctx: Context) -> float:
                                   ema_epochs=pruning.ema_epochs(ctx.spec))
         except optuna.TrialPruned:
             ctx.until_written(lambda: _record(trial, ctx, started, None, best))
-            shutil.rmtree(folder, ignore_errors=True)
+            _remove(owned)
             raise
         ctx.until_written(lambda: _record(trial, ctx, started, history, best))
         if history.status == "nonfinite":
             raise NonFiniteLoss(f"non-finite training loss in epoch {len(history.epochs) + 1}; lower lr or use fp32")
         value = float(history.best_val_acc)
         ctx.until_written(lambda: _keep_checkpoint(trial, ctx, params, best, value))
-        shutil.rmtree(folder, ignore_errors=True)
+        _remove(owned)
         return value
     except optuna.TrialPruned:
         raise
@@ -146,9 +189,12 @@ def objective(trial: optuna.Trial, ctx: Context) -> float:
         storage.requeue_interrupted(trial.study, trial.number)
         raise
     except Exception as e:
+        if (refused := refusal(e)) is not None:  # a full or read-only disk: not the trial's fault
+            _not_saved(trial, ctx, refused)
+            raise TrialNotSaved(str(refused)) from e
         reason = record.write_exception(trial, e)
         ctx.log(f"trial {trial.number} failed: {reason}")
-        shutil.rmtree(folder, ignore_errors=True)
+        _remove(owned)
         if isinstance(e, torch.cuda.OutOfMemoryError):
             model = None
             _free_device_memory()
@@ -162,8 +208,45 @@ def objective(trial: optuna.Trial, ctx: Context) -> float:
 
 def snapshot_identity(trial: optuna.Trial, ctx: Context, lineage: int) -> dict[str, Any]:
     """What a resumable snapshot belongs to: this study (not an earlier one of the same name), trial and split."""
-    uid = trial.study.user_attrs.get("uid") or f"{trial.study.study_name}#{optuna_compat.study_id(trial.study)}"
-    return {"study": ctx.spec.name, "study_uid": uid, "trial": lineage, "split_hash": ctx.data.split_hash}
+    return {"study": ctx.spec.name, "study_uid": study_uid(trial.study), "trial": lineage, "split_hash": ctx.data.split_hash}
+
+
+def _snapshot_to_resume(folder: Path, legacy: Path, identity: dict[str, Any], ctx: Context, *,
+                        retry: bool) -> tuple[dict[str, Any] | None, Path | None]:  # fmt: skip
+    """The snapshot a trial resumes from (None: train from the start), and the previous version's folder it came from.
+
+    The trial's own folder (`trial_folder`) holds this study's files only: what is there and not
+    resumed (a new trial's leftover, an unreadable snapshot) is deleted. The previous version's
+    folder (`legacy_trial_folder`) is shared by every study of this name in the results folder: its
+    snapshot is resumed when it names this trial, deleted when it names nobody (unreadable, or older
+    than snapshots that name their study), and left alone when it names another study, whose own
+    run resumes it.
+    """
+    resume = _own_snapshot(folder / "last.pt", identity, ctx) if retry else None
+    if resume is None and folder.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+    if not (legacy / "last.pt").is_file():
+        return resume, None  # none, or only a temp file its writer may still be writing
+    old = _load_snapshot(legacy / "last.pt", ctx)
+    owner = old.get("identity") if old is not None else None
+    if owner is not None and owner != identity:
+        return resume, None  # another study's
+    if retry and resume is None and owner == identity:
+        return old, legacy
+    shutil.rmtree(legacy, ignore_errors=True)  # nobody's, or this trial's own but not needed
+    return resume, None
+
+
+def _load_snapshot(last: Path, ctx: Context) -> dict[str, Any] | None:
+    """The snapshot at ``last``; None when there is none or it cannot be loaded (said in the log)."""
+    if not last.is_file():
+        return None
+    try:
+        snap = checkpoint.load(last, map_location=ctx.data.device)
+    except UserError as e:
+        ctx.log(f"ignoring snapshot {last}: {e}")
+        return None
+    return snap if isinstance(snap, dict) else None
 
 
 def _own_snapshot(last: Path, identity: dict[str, Any], ctx: Context) -> dict[str, Any] | None:
@@ -173,17 +256,34 @@ def _own_snapshot(last: Path, identity: dict[str, Any], ctx: Context) -> dict[st
     (another database, another split) was resumed by a new trial with the same number: it had been
     trained on what is now validation data.
     """
-    if not last.is_file():
-        return None
-    try:
-        snap = checkpoint.load(last, map_location=ctx.data.device)
-    except UserError as e:
-        ctx.log(f"ignoring snapshot {last}: {e}")
-        return None
-    if not isinstance(snap, dict) or snap.get("identity") != identity:
-        ctx.log(f"ignoring snapshot {last}: it belongs to {snap.get('identity') if isinstance(snap, dict) else '?'}, not {identity}")
+    snap = _load_snapshot(last, ctx)
+    if snap is not None and snap.get("identity") != identity:
+        ctx.log(f"ignoring snapshot {last}: it belongs to {snap.get('identity')}, not {identity}")
         return None
     return snap
+
+
+def _remove(folders: list[Path]) -> None:
+    """Delete a finished trial's folders (its snapshots are of no more use)."""
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _not_saved(trial: optuna.Trial, ctx: Context, refused: WriteRefused) -> None:
+    """Fail ``trial`` because ``refused`` and re-queue it, as an interrupted one; leave it RUNNING where the database refuses too.
+
+    Its folder is kept: the retry resumes from the last snapshot that was written whole.
+    """
+    try:
+        record.write_failure(trial, record.FailKind.NOT_SAVED, f"{refused.what}; re-queued to run again")
+        storage.requeue_interrupted(trial.study, trial.number)
+        trial.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    except Exception as e:
+        if refusal(e) is None and not storage.lost_connection(e):
+            raise
+        ctx.log(f"trial {trial.number} not saved, and the database could not record it; the next run retries it once it is stale")
+        return
+    ctx.log(f"trial {trial.number} not saved: {refused.what}; re-queued")
 
 
 def _free_device_memory() -> None:
@@ -208,7 +308,9 @@ def _record(trial: optuna.Trial, ctx: Context, started: float, history: Any, bes
     record.write_result(trial, epochs_run=len(epochs), best_epoch=best["epoch"], wall_s=round(time.time() - started, 2),
                         images_per_s=images_per_s, peak_mem_mb=peak_mem_mb, status=status)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        png = plots.learning_curve(epochs, Path(tmp) / f"trial-{trial.number}-curve.png", title=f"{ctx.spec.name} trial {trial.number}")
+        png = Path(tmp) / f"trial-{trial.number}-curve.png"
+        with refusing(png):  # a full temp folder
+            plots.learning_curve(epochs, png, title=f"{ctx.spec.name} trial {trial.number}")
         optuna.artifacts.upload_artifact(artifact_store=ctx.store, file_path=str(png), study_or_trial=trial, mimetype="image/png")
 
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import optuna
 
+from cifar_hpo.models.registry import apply_changes
 from cifar_hpo.params import TrialParams
 from cifar_hpo.study.search_space import suggest_params
 from cifar_hpo.training.optim import WSD_DECAY_FRAC
@@ -263,12 +264,12 @@ def trial_params(spec: Any, params: TrialParams) -> TrialParams:
 
 
 def trained_params(spec: Any, trial: optuna.trial.BaseTrial) -> TrialParams:
-    """What a trial of ``spec`` (a StudySpec) trains with: its search space's suggestion under the fidelity.
+    """What a trial of ``spec`` (a StudySpec) trains with: its search space's suggestion under the fidelity, then ``run --set``.
 
     ``trial``: an Optuna trial, or a ``FixedTrial`` of a finished trial's params. The
     objective and retrain's replay both call this, so a replay rebuilds what was trained.
     """
-    return trial_params(spec, suggest_params(spec, trial))
+    return apply_changes(trial_params(spec, suggest_params(spec, trial)), getattr(spec, "params", {}))
 
 
 def ema_horizon(spec: Any) -> float | None:

@@ -202,6 +202,10 @@ def retrain_source(spec: StudySpec, url: str, *, trial: int | None = None, defau
     study = load_study(spec.name, url)
     chosen = select_trial(study, trial)
     attrs = study.user_attrs
+    ran = attrs.get("spec")
+    fixed = ran.get("params") if isinstance(ran, dict) else None
+    if isinstance(fixed, dict) and fixed:  # the run's --set: part of what the trial trained
+        spec = spec.replace(params=fixed)
     return Source(
         study=spec.name,
         trial=chosen.number,

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cifar_hpo.errors import UserError
-from cifar_hpo.study.search_space import bundled, load_search_space
+from cifar_hpo.study.search_space import bundled, default_recipe, load_search_space
 
 if TYPE_CHECKING:
 
@@ -38,6 +38,17 @@ if TYPE_CHECKING:
 
 
 SAMPLERS = ("tpe", "random")  # pruner kinds and fidelities: cifar_hpo.study.pruning's PRUNERS and FIDELITIES
+
+
+# Seeds reach numpy's legacy RandomState through Optuna's samplers (0 <= seed < 2**32), and torch
+# after `study.objective` and `training` multiply them (seed * 100003 * 7919 must stay below 2**64).
+SEED_LIMIT = 2**31
+
+
+MAX_EPOCHS = 10_000  # per trial: beyond this a study never ends (an epoch of the full split takes seconds at best)
+
+
+MAX_TRIALS = 100_000  # finished trials a study ends with
 
 
 @dataclass(frozen=True)
@@ -94,6 +105,12 @@ class StudySpec:
     # [arch]: the model's architecture options (`models.Model.arch_keys`) changed from its
     # default recipe, e.g. fast_cnn's light network: width = 0.5, stem_stride = 2.
     arch: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The study's compute budget in device-seconds over all its trials, workers and machines
+    # (``budget = "2h"``, or ``run --budget``; `cifar_hpo.study.budget`); None: sized in trials only.
+    budget_s: float | None = None
+    # TrialParams fields fixed for every trial after its search space (``run --set KEY=VALUE``, e.g.
+    # pretrained=false where ImageNet weights cannot be had): recorded with the study, replayed by retrain.
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, as written beside the results."""
@@ -110,15 +127,21 @@ class StudySpec:
         trials: int | None = None,
         data: str | None = None,
         subset: int | None = None,
+        budget: str | None = None,
+        params: list[str] | None = None,
     ) -> StudySpec:
         """Apply CLI overrides (None = keep the file's value), validated."""
         where = "command line"
         spec = self
+        if params:
+            spec = spec.replace(params={**spec.params, **_fixed_params(spec, params)})
+        if budget is not None:
+            spec = spec.replace(budget_s=_budget_seconds(budget, "--budget"))
         if epochs is not None:
-            _check(epochs >= 1, where, "--epochs", f"must be >= 1, got {epochs}")
+            _check_count(epochs, where, "--epochs", MAX_EPOCHS)
             spec = spec.replace(epochs=epochs)
         if trials is not None:
-            _check(trials >= 1, where, "--trials", f"must be >= 1, got {trials}")
+            _check_count(trials, where, "--trials", MAX_TRIALS)
             spec = spec.replace(trials=trials)
         if data is not None or subset is not None:
             d = spec.data
@@ -134,6 +157,31 @@ class StudySpec:
 def _check(ok: bool, where: str, key: str, message: str) -> None:
     if not ok:
         raise UserError(f"{where}: {key} {message}")
+
+
+def _fixed_params(spec: StudySpec, pairs: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` as checked TrialParams changes of the study model's recipe (`models.checked_changes`)."""
+    from cifar_hpo.models import checked_changes  # torch: loading a spec without --set does not need it
+
+    return checked_changes(default_recipe(spec), pairs)
+
+
+def _budget_seconds(text: str, where: str) -> float:
+    """Device-seconds of a budget such as ``90m`` or ``2h`` (`budget.parse_duration`)."""
+    from cifar_hpo.study.budget import parse_duration  # imports optuna; loading a spec imports neither optuna nor torch
+
+    return parse_duration(text, where)
+
+
+def _check_count(value: int, where: str, key: str, most: int) -> None:
+    """``value`` counts something (epochs, trials): at least 1 and at most ``most``."""
+    _check(value >= 1, where, key, f"must be >= 1, got {value}")
+    _check(value <= most, where, key, f"must be <= {most:,}, got {value:,}")
+
+
+def _check_seed(value: int, where: str, key: str) -> None:
+    """``value`` seeds something: in [0, `SEED_LIMIT`)."""
+    _check(0 <= value < SEED_LIMIT, where, key, f"must be in [0, 2**31) (numpy, torch and Optuna seed from it), got {value}")
 
 
 def _section(cls: type, raw: Any, where: str, key: str) -> Any:
@@ -169,6 +217,7 @@ TOP_KEYS = {
     "trials": int,
     "seed": int,
     "direction": str,
+    "budget": str,
 }
 
 
@@ -204,20 +253,21 @@ def parse_spec(raw: dict[str, Any], path: Path) -> StudySpec:
         direction=raw.get("direction", "maximize"),
         path=str(path),
         arch=_arch_table(raw.get("arch"), where),
+        budget_s=None if "budget" not in raw else _budget_seconds(raw["budget"], f"{where}: budget"),
     )
     _validate(spec, where)
     return spec
 
 
 def _arch_table(raw: Any, where: str) -> dict[str, Any]:
-    """The ``[arch]`` table: option -> number, bool or string (the model's keys are checked in `_validate`)."""
+    """The ``[arch]`` table: option -> number, bool, string or list (the model's rules are checked in `_validate`)."""
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise UserError(f"{where}: [arch] must be a table, e.g. [arch] width = 0.5")
     for key, value in raw.items():
-        if not isinstance(value, int | float | bool | str):
-            raise UserError(f"{where}: arch.{key} must be a number, true/false or a string, got {value!r}")
+        if not isinstance(value, int | float | bool | str | list):
+            raise UserError(f"{where}: arch.{key} must be a number, true/false, a string or a list, got {value!r}")
     return dict(raw)
 
 
@@ -241,12 +291,18 @@ def _validate(spec: StudySpec, where: str) -> None:
 
     check_study_name(spec.name, where)
     _check(spec.model in MODELS, where, "model", f"{spec.model!r} is unknown; valid: {', '.join(MODELS)}")
-    keys = MODELS[spec.model].arch_keys
+    entry = MODELS[spec.model]
     for key in spec.arch:
-        _check(key in keys, where, f"arch.{key}", f"is not an option of {spec.model}; valid: {', '.join(sorted(keys)) or 'none'}")
+        valid = ", ".join(sorted(entry.arch_keys)) or "none"
+        _check(key in entry.arch_keys, where, f"arch.{key}", f"is not an option of {spec.model}; valid: {valid}")
+    bad = entry.arch_problem(spec.arch)  # checked here, not in 5 failed trials (`models.Model.arch_rules`)
+    if bad is not None:
+        raise UserError(f"{where}: arch.{bad[0]} {bad[1]}")
     _check(spec.recipe in DEVICE_KINDS, where, "recipe", f"must be one of {', '.join(DEVICE_KINDS)}, got {spec.recipe!r}")
-    _check(spec.epochs >= 1, where, "epochs", f"must be >= 1, got {spec.epochs}")
-    _check(spec.trials >= 1, where, "trials", f"must be >= 1, got {spec.trials}")
+    _check_count(spec.epochs, where, "epochs", MAX_EPOCHS)
+    _check_count(spec.trials, where, "trials", MAX_TRIALS)
+    _check_seed(spec.seed, where, "seed")
+    _check_seed(spec.data.split_seed, where, "data.split_seed")
     _check(spec.direction == "maximize", where, "direction", "must be 'maximize' (the score is validation accuracy)")
     _check(spec.sampler.kind in SAMPLERS, where, "sampler.kind", f"must be one of {', '.join(SAMPLERS)}")
     _check(spec.pruner.kind in pruning.PRUNERS, where, "pruner.kind", f"must be one of {', '.join(pruning.PRUNERS)}")

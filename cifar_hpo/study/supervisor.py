@@ -18,13 +18,58 @@ import optuna
 import torch
 
 from cifar_hpo import storage
-from cifar_hpo.device import cpu_threads
+from cifar_hpo.device import cpu_threads, resolve_device
 from cifar_hpo.errors import UserError
 from cifar_hpo.study.objective import Interrupted
 from cifar_hpo.study.spec import StudySpec
 from cifar_hpo.study.worker import load_data, reconnecting, sigterm_as_interrupt, work
 
 MAX_WORKER_RESTARTS = 3  # per worker: a worker killed (OOM killer, kill -9) more often stays down
+
+
+# Bounds of --workers. Each worker imports torch and holds its own copy of the data (`--workers 64`
+# on 2 cores took 15 GB before any trial started). On a GPU past a few the GPU is busy anyway; on a
+# CPU the workers share the cores (`_worker_entry`), and two per core is what tests/test_workers.py
+# runs on purpose (three SQLite writers on two cores, the hardest case for its lock).
+WORKERS_PER_GPU = 4
+
+
+WORKERS_PER_CORE = 2
+
+
+def check_workers(workers: int, device: str) -> None:
+    """Refuse ``--workers`` this machine cannot run: before any process starts, each costs a torch import and a copy of the data.
+
+    At most `WORKERS_PER_CORE` per CPU core this process may use (its affinity mask), or
+    `WORKERS_PER_GPU` per GPU the workers spread over (every visible one, or the one ``--device
+    cuda:N`` names).
+
+    Raises:
+        UserError: fewer than 1, or more than the bound (the message names it).
+    """
+    if workers < 1:
+        raise UserError(f"--workers must be >= 1, got {workers}")
+    target = resolve_device(device)
+    if target.type == "cuda":
+        gpus = torch.cuda.device_count() if target.index is None else 1
+        bound, why = WORKERS_PER_GPU * gpus, f"{WORKERS_PER_GPU} per GPU, {gpus} GPU(s) for --device {device}"
+    else:
+        cores = cpu_threads()
+        bound, why = WORKERS_PER_CORE * cores, f"{WORKERS_PER_CORE} per CPU core, {cores} core(s) for this process"
+    if workers > bound:
+        raise UserError(f"--workers {workers} is more than this machine runs ({why}): pass --workers {bound} or fewer")
+
+
+def worker_device(requested: str, index: int, device_count: int) -> str:
+    """The device of worker ``index`` (0-based) when ``--device requested`` and ``device_count`` GPUs are visible.
+
+    ``auto`` or ``cuda`` with GPUs: round-robin, ``cuda:{index % device_count}``, so K workers on
+    G GPUs share them evenly. Anything else (``cpu``, a named ``cuda:N``, no GPU) is returned
+    as asked, and the worker then takes its share of the CPU cores (`_worker_entry`).
+    """
+    if requested in ("auto", "cuda") and device_count > 0:
+        return f"cuda:{index % device_count}"
+    return requested
 
 
 def _worker_entry(spec: StudySpec, url: str, results: Path, options: dict[str, Any], index: int, workers: int,
@@ -39,10 +84,9 @@ def _worker_entry(spec: StudySpec, url: str, results: Path, options: dict[str, A
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_with_parent(parent)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    device = where = options["device"]
-    if device in ("auto", "cuda") and torch.cuda.is_available():
-        device = where = f"cuda:{index % torch.cuda.device_count()}"  # round-robin over the visible GPUs
-    elif hasattr(os, "sched_setaffinity"):
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = where = worker_device(options["device"], index, gpus)
+    if device == options["device"] and hasattr(os, "sched_setaffinity"):  # no GPU of its own: a share of the cores
         cores = sorted(os.sched_getaffinity(0))
         share = max(1, len(cores) // workers)
         mine = cores[(index * share) % len(cores):][:share] or cores[:share]
@@ -98,8 +142,10 @@ def run_workers(spec: StudySpec, url: str, results: Path, *, workers: int, devic
         0 when every worker finished, else the worst exit status (2: a worker's UserError).
 
     Raises:
+        UserError: more workers than this machine runs (`check_workers`; no process started then).
         Interrupted: after SIGTERM or Ctrl-C, once the workers have exited.
     """
+    check_workers(workers, device)
     mp = multiprocessing.get_context("spawn")  # fork after torch (or CUDA) started threads is unsafe
     options = {"device": device, "data_dir": data_dir, "cache_dir": cache_dir, "timeout": timeout}
 

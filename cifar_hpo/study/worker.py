@@ -6,8 +6,11 @@
 trials: after an interruption the same command finishes the remainder.
 Failed trials do not count; five failures in a row stop the run with the
 last reason. Several workers (processes here, or machines on one database)
-never run more than N: a trial started beyond the count fails at once with
-the reason "surplus" and runs nothing.
+never run more than N: the first N lineages to begin (a trial and its retries,
+in trial-number order) hold the N slots, and a trial of a later one (a retry
+included) fails at once with the reason "surplus" and runs nothing. A killed
+trial holds its slot until its retry is added; no study ends with a killed
+trial not retried, or with a second retry of one trial left waiting.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +31,10 @@ from optuna.trial import TrialState
 
 from cifar_hpo import data, storage
 from cifar_hpo.errors import UserError, caused_by, first_line
-from cifar_hpo.storage import optuna_compat, record
+from cifar_hpo.storage import heartbeat, optuna_compat, record
+from cifar_hpo.storage.refused import refusal, refusals_as_one_line
+from cifar_hpo.storage.sqlite import sqlite_file
+from cifar_hpo.study import budget
 from cifar_hpo.study.create import make_sampler, sampler_seed
 from cifar_hpo.study.objective import Context, Interrupted, finished_count, objective
 from cifar_hpo.study.pruning import make_pruner
@@ -102,10 +109,94 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+_HOLDING = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+
+
+def _held_slots(trials: Sequence[optuna.trial.FrozenTrial], below: int | None = None) -> set[int]:
+    """The lineages (first trial numbers, see `heartbeat.lineage`) that hold one of the study's ``--trials`` slots.
+
+    A lineage holds its slot while one of its trials is finished, running or waiting, and while its
+    killed trial awaits its retry (`heartbeat.awaiting_retry`). Counted by lineage, not by trial: a
+    retry keeps its original's place, so a killed trial, its FAIL and its retry hold the slot without
+    a gap in which another configuration could take it. ``below``: only lineages that began below
+    that trial number.
+    """
+    awaiting = {t.number for t in heartbeat.awaiting_retry(trials)}
+    held = {heartbeat.lineage(t) for t in trials if t.state in _HOLDING or t.number in awaiting}
+    return held if below is None else {first for first in held if first < below}
+
+
 def _count_blocking(study: optuna.Study, number: int) -> int:
-    """Finished or running trials numbered below ``number``."""
-    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-    return sum(1 for t in study.get_trials(deepcopy=False, states=states) if t.number < number)
+    """Lineages holding a slot that began below trial ``number`` (`_held_slots`)."""
+    return len(_held_slots(study.get_trials(deepcopy=False), below=number))
+
+
+def _stand_down(trials: Sequence[optuna.trial.FrozenTrial], trial: optuna.trial.FrozenTrial, target: int) -> str | None:
+    """Why ``trial`` must run nothing (the detail of its "surplus" reason), or None when it may run.
+
+    The first ``target`` lineages to begin, in trial-number order, run; a trial of a later one is
+    surplus, a retry included: a trial killed before it came here is retried, and its retry must
+    not run where the trial itself would not have. Of two retries of one trial the first runs.
+    """
+    if len(_held_slots(trials, below=heartbeat.lineage(trial))) >= target:
+        return "the study already had enough finished or running trials"
+    if (first := heartbeat.earlier_retry(trials, trial)) is not None:  # two workers re-queued one lost trial
+        return f"a second retry of the same trial, #{first} is the retry"
+    return None
+
+
+@dataclass(frozen=True)
+class _Progress:
+    """Where the study stands, read once per turn of a worker's loop."""
+
+    trials: list[optuna.trial.FrozenTrial]
+    finished: int  # complete + pruned trials: what --trials counts
+    held: int  # slots held (`_held_slots`): finished, running, waiting or awaiting a retry
+    waiting: list[optuna.trial.FrozenTrial]  # trials a worker can take
+    awaiting_retry: list[optuna.trial.FrozenTrial]  # failed as stale, retry never added (`heartbeat.awaiting_retry`)
+
+
+def _progress(study: optuna.Study) -> _Progress:
+    trials = study.get_trials(deepcopy=False)
+    return _Progress(
+        trials=trials,
+        finished=sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials),
+        held=len(_held_slots(trials)),
+        waiting=[t for t in trials if t.state == TrialState.WAITING],
+        awaiting_retry=heartbeat.awaiting_retry(trials),
+    )
+
+
+def _fail_spares(study: optuna.Study, p: _Progress, target: int, log: Callable[[str], None]) -> bool:
+    """Fail as surplus what a study that is done still holds beyond its target: nothing is left RUNNING or WAITING for it.
+
+    A waiting retry (a second retry of one trial, or one of a trial beyond the target), and a running
+    trial beyond the target: its worker was killed (or lost the database) before the check that would
+    have failed it, and it would stay RUNNING, as no worker runs a study that is done. A running one
+    whose worker is alive stands down at that check anyway (the same reason holds for it).
+
+    Returns:
+        Whether a waiting retry may still run (it keeps the study from being done).
+    """
+    st = optuna_compat.study_storage(study)
+    pending = False
+    for t in p.trials:
+        if t.state not in (TrialState.RUNNING, TrialState.WAITING):
+            continue
+        if t.state == TrialState.WAITING and heartbeat.lineage(t) == t.number:
+            continue  # not a retry: enqueued by hand, for a later run
+        why = _stand_down(p.trials, t, target)
+        if why is None:
+            pending = pending or t.state == TrialState.WAITING
+            continue
+        # A waiting one goes straight to FAIL, never RUNNING: a kill in between leaves nothing to retry.
+        try:
+            record.write_failure((st, optuna_compat.trial_id(t)), record.FailKind.SURPLUS, why)
+            st.set_trial_state_values(optuna_compat.trial_id(t), TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # its worker failed it first
+        log(f"trial #{t.number} not run: {why}")
+    return pending
 
 
 def work(spec: StudySpec, url: str, results: Path, data: Any, *, st: optuna.storages.RDBStorage | None = None,
@@ -137,12 +228,10 @@ def work(spec: StudySpec, url: str, results: Path, data: Any, *, st: optuna.stor
         ran.append(trial.number)
         try:
             record.write_sampler_seed(trial, seed)
-            if _count_blocking(study, trial.number) >= spec.trials and storage.retried_trial_number(trial) is None:
-                record.write_failure(trial, record.FailKind.SURPLUS, "the study already had enough finished or running trials")
-                raise SurplusTrial("surplus trial, nothing run")
-            if (first := storage.earlier_retry(study, trial)) is not None:  # two workers re-queued one lost trial
-                record.write_failure(trial, record.FailKind.SURPLUS, f"a second retry of the same trial, #{first} is the retry")
-                raise SurplusTrial("duplicate retry, nothing run")
+            trials = study.get_trials(deepcopy=False)
+            if (why := _stand_down(trials, next(t for t in trials if t.number == trial.number), spec.trials)) is not None:
+                record.write_failure(trial, record.FailKind.SURPLUS, why)
+                raise SurplusTrial(f"surplus trial, nothing run ({why})")
             try:
                 value = objective(trial, ctx)
             except optuna.TrialPruned:
@@ -154,7 +243,8 @@ def work(spec: StudySpec, url: str, results: Path, data: Any, *, st: optuna.stor
             if _lost_database(e):  # not the trial's fault: leave it RUNNING to be retried once, as a killed worker's
                 raise DatabaseLost(first_line(e, innermost=True)) from e
             if caused_by(e, optuna.exceptions.UpdateFinishedTrialError):
-                raise TrialTakenOver(f"trial #{trial.number} was failed as stale while it ran; its retry takes over") from e
+                raise TrialTakenOver(f"trial #{trial.number} was failed by another worker while it ran (as stale: its retry "
+                                     "takes over; or as surplus)") from e  # fmt: skip
             raise
 
     fails_in_row = 0
@@ -162,16 +252,21 @@ def work(spec: StudySpec, url: str, results: Path, data: Any, *, st: optuna.stor
     while True:
         with storage.quiet_experimental():
             optuna.storages.fail_stale_trials(study)
-        trials = study.get_trials(deepcopy=False)
-        finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
-        running = sum(t.state == TrialState.RUNNING for t in trials)
-        waiting = sum(t.state == TrialState.WAITING for t in trials)
-        if finished >= spec.trials:
+        p = _progress(study)
+        stopping = p.finished >= spec.trials or (p.held >= spec.trials and not p.waiting)  # or waiting on others' slots
+        # A killed trial's retry was never added (its worker was killed between the FAIL and the retry):
+        # add it now, not after GRACE_PERIOD, so that no study ends with a killed configuration not retried.
+        if p.awaiting_retry and stopping and heartbeat.requeue(study, p.awaiting_retry):
+            continue
+        if p.finished >= spec.trials and not _fail_spares(study, p, spec.trials, log):
             break
         if timeout is not None and time.time() - started > timeout:
-            log(f"--timeout {timeout:g}s reached; {finished}/{spec.trials} trials finished, run again to continue")
+            log(f"--timeout {timeout:g}s reached; {p.finished}/{spec.trials} trials finished, run again to continue")
             break
-        if finished + running >= spec.trials and not waiting:
+        if spec.budget_s is not None and not (account := budget.account(study, spec.budget_s, spec.epochs)).affords(spec.epochs):
+            log(f"{account.line()}: not enough for another trial; {p.finished}/{spec.trials} trials finished")
+            break
+        if p.held >= spec.trials and not p.waiting:
             time.sleep(POLL_S)  # others' running trials may complete the study, or fail and free a slot
             continue
         ran.clear()
@@ -268,7 +363,7 @@ class DatabaseLost(BaseException):
 
 
 class TrialTakenOver(BaseException):
-    """Another worker failed this worker's trial as stale (its heartbeats were late) and re-queued it.
+    """Another worker failed this worker's trial: as stale (its heartbeats were late) and re-queued it, or as surplus.
 
     A BaseException, so that Optuna does not try to record the finished trial again; the worker
     drops the trial and goes on with the next one.
@@ -285,8 +380,12 @@ RECONNECT_S = float(os.environ.get("CIFAR_HPO_RECONNECT_S", "600"))  # seconds t
 
 
 def _lost_database(e: BaseException) -> bool:
-    """Whether ``e`` (or what caused it) is a lost or refused database connection."""
-    return storage.lost_connection(e)
+    """Whether ``e`` (or what caused it) is a lost or refused database connection.
+
+    Not a write the disk refused (SQLite's "database or disk is full", a read-only file), which
+    waiting does not cure: `reconnecting` stops the run with its one line instead.
+    """
+    return storage.lost_connection(e) and refusal(e) is None
 
 
 def reconnecting(url: str, log: Callable[[str], None], loop: Callable[[], None],
@@ -320,7 +419,8 @@ def reconnecting(url: str, log: Callable[[str], None], loop: Callable[[], None],
     try:
         while True:
             try:
-                loop()
+                with refusals_as_one_line(sqlite_file(url)):  # a full or read-only disk: the user must act
+                    loop()
                 return
             except TrialTakenOver as e:
                 log(str(e))

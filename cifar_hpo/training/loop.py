@@ -54,6 +54,40 @@ __all__ = ["EpochResult", "History", "StopTraining", "train", "rung_acc"]
 CUDA_FINITE_CHECK_EVERY = 25
 
 
+def finite_check_every(device: torch.device) -> int:
+    """Steps between checks of the loss for non-finite values on ``device`` (see `CUDA_FINITE_CHECK_EVERY`).
+
+    At 1 the loss is checked before the optimizer step; at more, the running sum after it.
+    """
+    return CUDA_FINITE_CHECK_EVERY if device.type == "cuda" else 1
+
+
+def compile_wanted(params: TrialParams, device: torch.device) -> bool:
+    """Whether `train` runs the model through ``torch.compile``: asked for, and on CUDA.
+
+    CUDA only, as it always was: on a CPU it was never measured to pay for its compile
+    time. Tests force it on a CPU by replacing this function.
+    """
+    return params.compile and device.type == "cuda"
+
+
+def rng_state(device: torch.device, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The random state a snapshot records: torch's global one, the batch generator's and, on CUDA, the device's."""
+    rng = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def restore_rng(rng: dict[str, torch.Tensor], device: torch.device, generator: torch.Generator) -> None:
+    """Set the random state `rng_state` recorded (a snapshot from a CPU run has no CUDA entry, and needs none)."""
+    # RNG states are CPU byte tensors, whatever map_location the snapshot was loaded with.
+    torch.set_rng_state(rng["torch"].cpu())
+    generator.set_state(rng["generator"].cpu())
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
+
+
 # Images passed to a model declaring `Capabilities.init_from_data` (fast_cnn's whitening).
 DATA_INIT_IMAGES = 5000
 
@@ -316,11 +350,7 @@ def train(
         step, start_epoch = int(resume["step"]), int(resume["epoch"])
         seconds_before = float(resume.get("seconds", 0.0))
         history.epochs = [EpochResult(**e) for e in resume["history"]]
-        # RNG states are CPU byte tensors, whatever map_location the snapshot was loaded with.
-        torch.set_rng_state(resume["rng"]["torch"].cpu())
-        generator.set_state(resume["rng"]["generator"].cpu())
-        if device.type == "cuda" and "cuda" in resume["rng"]:
-            torch.cuda.set_rng_state(resume["rng"]["cuda"].cpu(), device)
+        restore_rng(resume["rng"], device, generator)
         if ema_horizon is not None and resume.get("ema") is not None:
             ema = {k: v.to(device) for k, v in resume["ema"].items()}
         if resume.get("lookahead") is not None:
@@ -331,12 +361,12 @@ def train(
         cast(DataInit, model).init_from_data(augment.normalize(data.train_x[idx], data.mean, data.std))
 
     forward: nn.Module = model
-    if params.compile and device.type == "cuda":
+    if compile_wanted(params, device):
         forward = torch.compile(model)  # type: ignore[assignment]
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
         torch.cuda.reset_peak_memory_stats(device)
-    check_every = 1 if device.type != "cuda" else CUDA_FINITE_CHECK_EVERY
+    check_every = finite_check_every(device)
     t_start = time.perf_counter()
     lr = params.lr * lr_factor(params.schedule, max(0, step - 1), total_steps, params.warmup_frac)
 
@@ -419,9 +449,7 @@ def train(
                 epoch: int = epoch, step: int = step, ema: dict[str, torch.Tensor] | None = ema,
                 average: dict[str, torch.Tensor] | None = average,
             ) -> dict[str, Any]:  # fmt: skip
-                rng = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
-                if device.type == "cuda":
-                    rng["cuda"] = torch.cuda.get_rng_state(device)
+                rng = rng_state(device, generator)
                 return _to_cpu(
                     {
                         "model_state": model.state_dict(),

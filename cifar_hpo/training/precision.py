@@ -41,11 +41,17 @@ def use_channels_last(model: nn.Module) -> bool:
 
 
 def peak_mem_mb(device: torch.device) -> float:
+    """Peak memory in MiB.
+
+    On CUDA the most allocated on ``device`` since its peak statistics were last reset
+    (`train` resets them at its start); on a CPU this process's maximum resident set.
+    """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def sync(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA runs asynchronously), so that a timer read after it is true."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
