@@ -146,7 +146,6 @@ def _freeze(model: nn.Module, stages: tuple[tuple[str, ...], ...], depth: int, a
     return [m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and not trains(name)]
 
 
-_PRETRAINED_KEYS = frozenset({"head_hidden", "cifar_stem", "upsample"})
 
 
 _RESNET18 = _Torchvision("resnet18", "ResNet18_Weights", "conv1", "maxpool", "fc")
