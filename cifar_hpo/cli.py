@@ -155,7 +155,7 @@ def _parser_bench(p: argparse.ArgumentParser) -> None:
     b.add_argument("--seeds", type=int, default=1, help="pairs of studies, sampler seeds seed.. (default: 1)")
     b.add_argument("--sampler", default=None, choices=["tpe", "random"],
                    help="sampler of both studies (default: the study file's; random = the same trials in both, as the replay)")
-    b.add_argument("--pruner", default=None, choices=["hyperband", "successive_halving", "median"],
+    b.add_argument("--pruner", default=None, choices=["promote", "hyperband", "successive_halving", "median"],
                    help="pruner to compare with none (default: the study file's)")
     b.add_argument("--reduction-factor", type=int, default=None, help="hyperband/successive halving reduction factor")
     _add_json_flag(b)

@@ -62,7 +62,8 @@ def test_fidelity_settings_follow_the_study_file() -> None:
     assert pruners.trial_params(probe, SMALL).schedule == "wsd"
     plain = spec.replace(pruner=PrunerSpec(fidelity="plain"))
     assert pruners.probe_epochs(plain) == [] and pruners.trial_params(plain, SMALL) is SMALL
-    assert pruners.ema_horizon(spec.replace(pruner=PrunerSpec(fidelity="ema"))) == pruners.EMA_HORIZON_EPOCHS
+    ema = PrunerSpec(kind="successive_halving", reduction_factor=4, fidelity="ema")
+    assert pruners.ema_horizon(spec.replace(pruner=ema)) == pruners.EMA_HORIZON_EPOCHS
 
 
 def test_bad_fidelity_in_a_study_file_is_named(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -148,7 +149,7 @@ def test_probe_epochs_skip_the_first_rung() -> None:
 def test_an_unpruned_study_keeps_the_search_spaces_schedule() -> None:
     spec = load_spec("fast")
     assert spec.pruner.fidelity == "plain" and pruners.trial_params(spec, SMALL) is SMALL  # the shipped default
-    spec = spec.replace(pruner=PrunerSpec(fidelity="probe"))
+    spec = spec.replace(pruner=PrunerSpec(kind="successive_halving", reduction_factor=4, fidelity="probe"))
     assert pruners.trial_params(spec, SMALL).schedule == "wsd"
     none = spec.replace(pruner=PrunerSpec(kind="none", fidelity="probe"))
     assert pruners.trial_params(none, SMALL).schedule == SMALL.schedule and pruners.probe_epochs(none) == []
@@ -185,18 +186,19 @@ def test_the_note_mentions_probes_only_where_probes_run() -> None:
     note = study_note(plain, "hash")
     assert "probe" not in note
     assert "(fraction 0..1) after each epoch; the trial's value is its best epoch's. Maximized." in note
-    probe = plain.replace(pruner=PrunerSpec(fidelity="probe"))
+    probe = plain.replace(pruner=PrunerSpec(kind="successive_halving", reduction_factor=4, fidelity="probe"))
     assert pruners.probe_epochs(probe) == [4]
     words = "after each epoch (at probe epochs, the accuracy of the short cooldown probe the pruner ranks on); the trial's"
     assert words in study_note(probe, "hash")
-    no_probe = plain.replace(epochs=3, pruner=PrunerSpec(fidelity="probe"))  # rungs 1 only: before PROBE_FROM_EPOCH
+    # rungs 1 only: before PROBE_FROM_EPOCH
+    no_probe = plain.replace(epochs=3, pruner=PrunerSpec(kind="successive_halving", reduction_factor=4, fidelity="probe"))
     assert pruners.probe_epochs(no_probe) == [] and "probe" not in study_note(no_probe, "hash")
 
 
 def test_the_note_says_what_an_ema_rung_compares() -> None:
     from cifar_hpo.study.note import study_note
 
-    note = study_note(load_spec("fast").replace(pruner=PrunerSpec(fidelity="ema")), "hash")
+    note = study_note(load_spec("fast").replace(pruner=PrunerSpec(kind="successive_halving", reduction_factor=4, fidelity="ema")), "hash")
     assert "after each epoch (at rung epochs, the accuracy of the average (EMA) of the weights the pruner ranks on)" in note
     assert "probe" not in note
 
@@ -219,13 +221,13 @@ def test_a_pruner_registered_in_pruning_alone_is_a_study_files_pruner(tmp_path, 
     path.write_text('model = "fast_cnn"\nsearch_space = "fast"\nepochs = 3\ntrials = 2\n[pruner]\nkind = "threshold"\nkeep = 3\n')
     spec = load_spec(str(path))
     assert isinstance(pruners.make_pruner(spec), optuna.pruners.ThresholdPruner)
-    assert built == [pruners.PrunerArgs(min_resource=1, reduction_factor=4, epochs=3, n_startup_trials=5, n_warmup_steps=1, keep=3)]
+    assert built == [pruners.PrunerArgs(min_resource=1, reduction_factor=3, epochs=3, n_startup_trials=5, n_warmup_steps=1, keep=3)]
     assert pruners.rung_epochs("threshold", 1, 4, 3) == [2]
     assert "pruner threshold 0.5 (keep 3), seed 0" in study_note(spec, "hash")
     monkeypatch.delitem(pruners.PRUNERS, "threshold")
     from cifar_hpo.errors import UserError
 
-    with pytest.raises(UserError, match="pruner.kind must be one of hyperband, successive_halving, rung_top_k, median, none"):
+    with pytest.raises(UserError, match="pruner.kind must be one of promote, hyperband, successive_halving, rung_top_k, median, none"):
         load_spec(str(path))
 
 

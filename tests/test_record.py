@@ -55,12 +55,37 @@ def test_every_field_round_trips_with_the_values_of_the_previous_version(tmp_pat
         "status": "ok", "epochs_run": 4, "best_epoch": 3, "wall_s": 12.34, "checkpoint_artifact_id": "artifact-1",
         "fail_reason": "ValueError: only to store a reason",
     }  # fmt: skip
-    assert set(stored.user_attrs) == set(record.KEYS)  # KEYS lists every key, and the writer writes no other
+    # KEYS lists every key, and the writer writes no other; pause and promote adds four (next test).
+    assert set(stored.user_attrs) == set(record.KEYS) - set(PROMOTION_KEYS)
     assert record.read(stored) == TrialRecord(
         trial_params=params, seed=300_009, sampler_seed=7, split_hash="abc123", device="cpu (x86_64, 2 cores)", versions=versions,
         params_count=12345, resumed_from_epoch=2, images_per_s=1500.5, peak_mem_mb=256.0, status="ok", epochs_run=4,
         best_epoch=3, wall_s=12.34, checkpoint_artifact_id="artifact-1", fail_reason="ValueError: only to store a reason",
     )  # fmt: skip
+
+
+PROMOTION_KEYS = ("origin", "paused", "schedule", "active_since")
+
+
+def test_the_pause_and_promote_keys_round_trip_and_a_retry_does_not_inherit_a_pause(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    trial = study.ask()
+    record.write_origin(trial, record.RECIPE)
+    record.write_paused(trial, epoch=4, rank=7, of=24, keep=6, text="paused at epoch 4: rank 7 of 24, the top 6 go on", wall_s=12.345)
+    stored = _stored(study, trial.number)
+    rec = record.read(stored)
+    assert rec.origin == "recipe" and rec.schedule == "paused at epoch 4: rank 7 of 24, the top 6 go on"
+    assert rec.paused is not None and {k: rec.paused[k] for k in ("trial", "epoch", "rank", "of", "keep")} == {
+        "trial": trial.number, "epoch": 4, "rank": 7, "of": 24, "keep": 6}  # fmt: skip
+    assert rec.wall_s == 12.35 and rec.epochs_run == 4 and record.is_paused(stored)
+    assert record.device_seconds(stored) == 12.35  # paused: its training so far, not the time since it started
+    record.write_active_since(trial)
+    assert set(_stored(study, trial.number).user_attrs) >= set(PROMOTION_KEYS)
+    # A copy of the marker on another trial (a retry copies its original's user attributes) is no pause.
+    other = optuna.trial.FrozenTrial(number=trial.number + 1, state=optuna.trial.TrialState.RUNNING, value=None,
+                                     datetime_start=stored.datetime_start, datetime_complete=None, params={}, distributions={},
+                                     user_attrs=dict(stored.user_attrs), system_attrs={}, intermediate_values={}, trial_id=99)  # fmt: skip
+    assert not record.is_paused(other)
 
 
 def test_a_pruned_result_writes_no_throughput_and_a_storage_and_id_can_be_written_to(tmp_path: Path) -> None:

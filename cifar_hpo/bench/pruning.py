@@ -31,11 +31,14 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import optuna
 
 from cifar_hpo.bench import emit
 from cifar_hpo.bench.curves import BankImages, bank_data
+from cifar_hpo.storage import record
+from cifar_hpo.study import scheduling
 from cifar_hpo.study.create import open_study
 from cifar_hpo.study.pruning import probe_epochs
 from cifar_hpo.study.spec import PrunerSpec, StudySpec, load_spec
@@ -43,8 +46,8 @@ from cifar_hpo.study.worker import work
 from cifar_hpo.training.loop import PROBE_COOLDOWN_FRAC
 
 
-def run_study(spec: StudySpec, data: object, folder: Path) -> dict[str, float]:
-    """Run ``spec`` to completion in a fresh database; return epochs trained (probes included) and best value."""
+def run_study(spec: StudySpec, data: object, folder: Path) -> dict[str, Any]:
+    """Run ``spec`` to completion in a fresh database; return epochs trained (probes included), best value, the curves."""
     url = f"sqlite:///{folder}/{spec.name}.db"
     started = time.time()
     open_study(spec, url, data.split_hash)  # type: ignore[attr-defined]
@@ -59,7 +62,24 @@ def run_study(spec: StudySpec, data: object, folder: Path) -> dict[str, float]:
         "best": float(study.best_value),
         "pruned": float(sum(t.state == optuna.trial.TrialState.PRUNED for t in trials)),
         "seconds": time.time() - started,
+        # Each trial's accuracy per epoch, in trial order, and which is the recipe (trained to the end by promotion).
+        "curves": [[v for _, v in sorted(t.intermediate_values.items())] for t in sorted(trials, key=lambda t: t.number)],
+        "recipe": [i for i, t in enumerate(sorted(trials, key=lambda t: t.number)) if record.read(t).origin == record.RECIPE],
     }
+
+
+def replay_of(spec: StudySpec, unpruned: dict[str, Any]) -> dict[str, float] | None:
+    """What the replay (`scheduling.simulate`, one worker) predicts for ``spec``'s promotion rule on the unpruned study's curves.
+
+    With the random sampler both studies train the same configurations in the same order and
+    training is deterministic on a CPU, so the live pruned study must do exactly this. None for
+    pruners other than promote (``bench search`` replays those through Optuna).
+    """
+    rule = scheduling.rule_of(spec)
+    if rule is None:
+        return None
+    out = scheduling.simulate(rule, unpruned["curves"], protected=unpruned["recipe"])
+    return {"epochs": out.epochs, "best": out.best}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -85,6 +105,11 @@ def main(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory(prefix="cifar-hpo-bench-") as tmp:
             pruned = run_study(pruned_spec, data, Path(tmp))
             unpruned = run_study(none_spec, data, Path(tmp))
+        predicted = replay_of(pruned_spec, unpruned)
+        replayed = {} if predicted is None else {
+            "replay_epochs": predicted["epochs"], "replay_best": round(predicted["best"], 4),
+            "replay_agrees": predicted["epochs"] == pruned["epochs"] and abs(predicted["best"] - pruned["best"]) < 1e-9,
+        }  # fmt: skip
         per_seed.append({
             "seed": seed,
             "epochs_pruned": round(pruned["epochs"], 2),
@@ -96,6 +121,7 @@ def main(args: argparse.Namespace) -> int:
             "regret_points": round(100 * (unpruned["best"] - pruned["best"]), 2),
             "seconds_pruned": round(pruned["seconds"], 1),
             "seconds_unpruned": round(unpruned["seconds"], 1),
+            **replayed,
         })  # fmt: skip
         print(f"seed {seed}: " + ", ".join(f"{k} {v}" for k, v in per_seed[-1].items() if k != "seed"), flush=True)
 
@@ -118,6 +144,8 @@ def main(args: argparse.Namespace) -> int:
         "regret_points": round(statistics.fmean(r["regret_points"] for r in per_seed), 3),
         "regret_points_sd": spread("regret_points"),
         "wall_ratio": round(sum(r["seconds_pruned"] for r in per_seed) / sum(r["seconds_unpruned"] for r in per_seed), 4),
+        "regret_points_max": max(r["regret_points"] for r in per_seed),
+        **({"replay_agrees": all(r["replay_agrees"] for r in per_seed)} if all("replay_agrees" in r for r in per_seed) else {}),
         "per_seed": per_seed,
     }
     emit({k: v for k, v in result.items() if k != "per_seed"}, False)

@@ -18,10 +18,11 @@ from optuna.trial import TrialState
 
 from cifar_hpo import storage
 from cifar_hpo.errors import UserError
+from cifar_hpo.storage import record
 from cifar_hpo.storage.checkpoint import remove_stale_tmp
 from cifar_hpo.storage.refused import refusals_as_one_line
 from cifar_hpo.storage.sqlite import sqlite_file
-from cifar_hpo.study import budget
+from cifar_hpo.study import budget, scheduling
 from cifar_hpo.study import note as dashboard_notes
 from cifar_hpo.study.create import open_study, refuse_foreign
 from cifar_hpo.study.objective import finished_count, study_folder
@@ -72,9 +73,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"nothing to do: the study already has {done} finished trials (ask for more with --trials)")
         return 0
     if spec.budget_s is not None:
-        account = budget.account(study, spec.budget_s, spec.epochs)
+        rule = scheduling.rule_of(spec)
+        account = budget.account(study, spec.budget_s, spec.epochs, rule)
         print(account.line(), flush=True)
-        if not account.affords(spec.epochs):
+        if not account.affords(spec.epochs if rule is None else rule.next_stop(0)):
             print("nothing to do: the budget left cannot pay for another trial (ask for more with --budget)")
             return 0
     if args.workers == 1:
@@ -111,6 +113,12 @@ def _summary(study: optuna.Study, spec: StudySpec) -> None:
         best = f"best val_acc {study.best_value:.4f} (trial #{study.best_trial.number})"
     except ValueError:
         best = "no complete trial"
-    print(f"study {study.study_name!r}: {counts['complete']} complete, {counts['pruned']} pruned, {counts['fail']} failed; {best}")
+    recipe = next((t for t in study.get_trials(deepcopy=False) if record.read(t).origin == record.RECIPE and t.value is not None
+                   and t.state == TrialState.COMPLETE), None)  # fmt: skip
+    if recipe is not None:
+        best += f"; the model's recipe (trial #{recipe.number}): {recipe.value:.4f}"
+    paused = sum(record.is_paused(t) for t in study.get_trials(deepcopy=False))
+    left = f", {paused} paused (run again to go on)" if paused else ""
+    print(f"study {study.study_name!r}: {counts['complete']} complete, {counts['pruned']} pruned, {counts['fail']} failed{left}; {best}")
     if spec.budget_s is not None:
         print(f"study {study.study_name!r}: {budget.account(study, spec.budget_s, spec.epochs).line()}")

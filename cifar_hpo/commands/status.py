@@ -11,7 +11,6 @@ dashboard``, `cifar_hpo.commands.dashboard`). Storage URLs are shown with the pa
 from __future__ import annotations
 
 import argparse
-from datetime import datetime
 from typing import Any
 
 import optuna
@@ -29,6 +28,8 @@ def study_rows(st: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
     for s in optuna.get_all_study_summaries(st, include_best_trial=True):
         trials = optuna.load_study(study_name=s.study_name, storage=st).get_trials(deepcopy=False)
         counts = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
+        counts["paused"] = sum(record.is_paused(t) for t in trials)  # pause and promote: RUNNING in Optuna's tables
+        counts["running"] -= counts["paused"]
         rows.append(
             {
                 "study": s.study_name,
@@ -42,20 +43,25 @@ def study_rows(st: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
 
 
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
-    """One plain dict per trial: number, state, value, epochs, seconds, params."""
+    """One plain dict per trial: number, state (paused too), value, epochs, device seconds, params, and a note.
+
+    The note: why it failed, what the scheduler last did with it (paused, promoted, stopped: its rank
+    at the rung), and whether it is the study's recipe (its first configuration).
+    """
     rows = []
     for t in study.get_trials(deepcopy=False):
-        end = t.datetime_complete or (datetime.now() if t.state == TrialState.RUNNING else None)
-        seconds = (end - t.datetime_start).total_seconds() if end and t.datetime_start else None
+        rec = record.read(t)
+        reason = rec.fail_note(missing="")  # None: a retry cleared its original's reason (shown as "-")
+        extra = [n for n in ("the model's recipe" if rec.origin == record.RECIPE else None, rec.schedule) if n]
         rows.append(
             {
                 "trial": t.number,
-                "state": t.state.name.lower(),
+                "state": "paused" if record.is_paused(t) else t.state.name.lower(),
                 "value": t.value,
                 "epochs": len(t.intermediate_values),
-                "seconds": seconds,
+                "seconds": record.device_seconds(t) if t.datetime_start else None,
                 "params": t.params,
-                "note": record.read(t).fail_note(missing=""),
+                "note": "; ".join([n for n in (reason, *extra) if n]) if extra else reason,
             }
         )
     return rows
@@ -95,7 +101,7 @@ def main(args: argparse.Namespace) -> int:
         if not rows:
             print("no studies yet; start one with: cifar-hpo run --study NAME")
             return 0
-        print(_table(rows, ["study", "model", "complete", "pruned", "fail", "running", "waiting", "best", "best_trial"]))
+        print(_table(rows, ["study", "model", "complete", "pruned", "fail", "running", "paused", "waiting", "best", "best_trial"]))
         for s in optuna.get_all_study_summaries(st, include_best_trial=False):
             if budget.BUDGET_ATTR in s.user_attrs and (line := budget_line(optuna.load_study(study_name=s.study_name, storage=st))):
                 print(f"{s.study_name}: {line}")

@@ -140,13 +140,15 @@ class HeartbeatStorage(optuna.storages.RDBStorage):
         return frozen
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        stale = super()._get_stale_trial_ids(study_id)
+        # A paused trial (pause and promote) is RUNNING without a heartbeat by design: never stale. Its
+        # marker is read before the heartbeats: a worker that resumes it beats first and then removes
+        # the marker, so a trial read as not paused here has its new heartbeat below.
+        running_trials = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        paused = {optuna_compat.trial_id(t) for t in running_trials if record.is_paused(t)}
+        stale = [tid for tid in super()._get_stale_trial_ids(study_id) if tid not in paused]
         # Optuna skips RUNNING trials without any heartbeat; they would block the study for ever.
         cutoff = datetime.now(UTC) - timedelta(seconds=ORPHAN_S)
-        running = {
-            optuna_compat.trial_id(t): t.datetime_start
-            for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
-        }
+        running = {optuna_compat.trial_id(t): t.datetime_start for t in running_trials if optuna_compat.trial_id(t) not in paused}
         beating = _with_heartbeat(self.engine, [tid for tid in running if tid not in stale])
         # datetime_start: naive local time up to Optuna 4.x, aware UTC from 5.0; astimezone reads both.
         orphans = [tid for tid, start in running.items()

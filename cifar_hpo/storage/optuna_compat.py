@@ -17,11 +17,20 @@ artifact paths, ``BaseStorage.get_all_trials``). What is left has none:
   it adds trials that never sent a heartbeat.
 - `HEARTBEAT_TABLE`: the table of Optuna's database schema holding one row per
   trial that sent a heartbeat (a schema name: Optuna migrates it with alembic).
+- `TrialsView`: a study whose trials a sampler reads through ``Study._get_trials``
+  (the private reader Optuna's samplers call, with its trial cache) and
+  ``get_trials``, each trial shown as a function of ours makes it: a paused
+  trial (RUNNING in Optuna's tables) is shown to TPE as pruned at its rung.
+- `USER_ATTR_TABLE`: the table holding trials' user attributes, one row per
+  (trial_id, key) with the value as JSON in ``value_json``: a paused trial is
+  claimed by deleting its ``paused`` row, which exactly one worker can do
+  (`record.claim_paused`); Optuna's API has no conditional write.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Container
 from typing import Any
 
 import optuna
@@ -29,6 +38,7 @@ import optuna
 CREATE_TRIAL_HOOK = "_create_new_trial"
 STALE_TRIALS_HOOK = "_get_stale_trial_ids"
 HEARTBEAT_TABLE = "trial_heartbeats"
+USER_ATTR_TABLE = "trial_user_attributes"
 
 
 def _private(obj: object, name: str) -> Any:
@@ -96,3 +106,31 @@ def retry_callback_class() -> Any:
     if cls is None:
         raise RuntimeError(f"optuna {optuna.__version__} has neither RetryHeartbeatStaleTrialCallback nor RetryFailedTrialCallback")
     return cls
+
+
+class TrialsView:
+    """``study`` as a sampler sees it: every trial it reads passes through ``shown`` first (which must not mutate it).
+
+    Everything else is the study's own (``_storage``, ``directions``, ...). Samplers read trials
+    through ``Study._get_trials`` (private, with a per-ask cache) and ``get_trials``; both are here.
+    """
+
+    def __init__(self, study: optuna.Study, shown: Callable[[optuna.trial.FrozenTrial], optuna.trial.FrozenTrial]) -> None:
+        self._study = study
+        self._shown = shown
+        _private(study, "_get_trials")  # fails loudly if Optuna renames it
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def _get_trials(self, deepcopy: bool = True, states: Container[optuna.trial.TrialState] | None = None,
+                    use_cache: bool = False) -> list[optuna.trial.FrozenTrial]:  # fmt: skip
+        trials = [self._shown(t) for t in self._study._get_trials(deepcopy=deepcopy, states=None, use_cache=use_cache)]
+        return trials if states is None else [t for t in trials if t.state in states]
+
+    def get_trials(self, deepcopy: bool = True, states: Container[optuna.trial.TrialState] | None = None) -> list[optuna.trial.FrozenTrial]:
+        return self._get_trials(deepcopy=deepcopy, states=states)
+
+    @property
+    def trials(self) -> list[optuna.trial.FrozenTrial]:
+        return self.get_trials()

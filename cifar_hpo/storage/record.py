@@ -19,12 +19,17 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import optuna
+import sqlalchemy
+
+from cifar_hpo.storage import optuna_compat
 
 # A trial to write to: a live trial (its cached copy is kept up to date), or a storage and a trial id
 # (the heartbeat storage marks other workers' trials it has no Trial object for).
@@ -80,6 +85,12 @@ class TrialRecord:
     versions: dict[str, str] | None = None  # library name -> version
     params_count: int | None = None  # model parameters (count)
     resumed_from_epoch: int | None = None  # a retry: epoch of the snapshot it resumed from
+    origin: str | None = None  # "recipe": the model's registry recipe, the study's first configuration (never paused)
+    # Pause and promote (study.scheduling). While paused (the trial is RUNNING in Optuna's tables, its
+    # snapshot kept): where and why, {"epoch", "rank", "of", "keep", "at"}; removed when a worker claims it.
+    paused: dict[str, Any] | None = None
+    schedule: str | None = None  # the scheduler's last word on the trial: "paused at epoch 1: rank 3 of 5, ..."
+    active_since: str | None = None  # a resumed trial: when its current stretch of training began (ISO 8601, UTC)
     # Written once training is over. images_per_s, peak_mem_mb, status: not for pruned trials.
     images_per_s: float | None = None  # training images per second, mean over epochs
     peak_mem_mb: float | None = None  # MiB, max over epochs (CUDA: allocated; CPU: process max RSS)
@@ -185,6 +196,17 @@ def clear_failure(trial: TrialRef) -> None:
     _set(trial, "fail_reason", None)
 
 
+def clear_inherited(trial: TrialRef) -> None:
+    """A retry starts: store as null what it copied from its failed original and is not its own.
+
+    Its reason (`clear_failure`), the original's pause marker, schedule note and training time: a
+    retry trains afresh from its original's snapshot and is no paused trial.
+    """
+    clear_failure(trial)
+    for key in ("paused", "schedule", "active_since", "wall_s"):
+        _set(trial, key, None)
+
+
 def write_resumed(trial: TrialRef, epoch: int) -> None:
     """A retry resumed from its original's snapshot taken after ``epoch``."""
     _set(trial, "resumed_from_epoch", int(epoch))
@@ -202,6 +224,69 @@ def write_result(trial: TrialRef, *, epochs_run: int, best_epoch: int, wall_s: f
     _set(trial, "epochs_run", int(epochs_run))
     _set(trial, "best_epoch", int(best_epoch))
     _set(trial, "wall_s", float(wall_s))
+
+
+RECIPE = "recipe"  # `TrialRecord.origin` of the study's first configuration, the model's registry recipe
+
+
+def write_origin(trial: TrialRef, origin: str) -> None:
+    """Where the trial's configuration came from (`RECIPE`: the model's registry recipe, enqueued first)."""
+    _set(trial, "origin", str(origin))
+
+
+def write_schedule(trial: TrialRef, text: str) -> None:
+    """The scheduler's last word on the trial, for `status` and the dashboard ("promoted at epoch 4: ...")."""
+    _set(trial, "schedule", str(text))
+
+
+def write_paused(trial: optuna.Trial, *, epoch: int, rank: int, of: int, keep: int, text: str, wall_s: float) -> None:
+    """The trial paused after ``epoch`` (its snapshot is saved): its standing there and its training time so far.
+
+    The ``paused`` attribute is the marker `claim_paused` takes away; each pause writes a new one
+    (with its own ``id``), so a worker can claim only the pause it decided on.
+    """
+    _set(trial, "wall_s", round(float(wall_s), 2))
+    _set(trial, "epochs_run", int(epoch))
+    _set(trial, "schedule", str(text))
+    at = datetime.now(UTC).isoformat(timespec="seconds")
+    # The trial's number: a marker counts only on the trial that wrote it, not on a retry that copied it.
+    marker = {"trial": int(trial.number), "epoch": int(epoch), "rank": int(rank), "of": int(of), "keep": int(keep), "at": at,
+              "id": uuid.uuid4().hex[:12]}  # fmt: skip
+    _set(trial, "paused", marker)
+
+
+def clear_pause(trial: TrialRef) -> None:
+    """Store the pause marker as null: the trial goes on (a replay's in-memory study; live workers `claim_paused`)."""
+    _set(trial, "paused", None)
+
+
+def is_paused(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether ``trial`` is paused: RUNNING with the marker it wrote itself (a retry's copy of its original's is not one)."""
+    marker = read(trial).paused
+    return trial.state == optuna.trial.TrialState.RUNNING and marker is not None and marker.get("trial") == trial.number
+
+
+def claim_paused(st: optuna.storages.RDBStorage, trial_id: int, paused: Mapping[str, Any]) -> bool:
+    """Take the paused trial ``trial_id`` for this process: delete its ``paused`` marker if it is still ``paused``.
+
+    One statement, so of several workers trying at once exactly one gets True (SQLite serializes
+    writes; PostgreSQL's row lock makes the second DELETE find nothing). A marker written by a later
+    pause of the same trial has another ``id`` and is not taken.
+    """
+    table = optuna_compat.USER_ATTR_TABLE
+    with st.engine.begin() as con:
+        row = con.execute(sqlalchemy.text(f"SELECT value_json FROM {table} WHERE trial_id = :t AND key = 'paused'"),
+                          {"t": trial_id}).first()  # fmt: skip
+        if row is None or _dict(json.loads(row[0])) != dict(paused):
+            return False
+        gone = con.execute(sqlalchemy.text(f"DELETE FROM {table} WHERE trial_id = :t AND key = 'paused' AND value_json = :v"),
+                           {"t": trial_id, "v": row[0]})  # fmt: skip
+        return gone.rowcount == 1
+
+
+def write_active_since(trial: TrialRef) -> None:
+    """A resumed trial's current stretch of training begins now (its device time is ``wall_s`` plus this stretch)."""
+    _set(trial, "active_since", datetime.now(UTC).isoformat(timespec="seconds"))
 
 
 def write_checkpoint(trial: TrialRef, artifact_id: str) -> None:
@@ -243,6 +328,10 @@ def read(trial: optuna.trial.FrozenTrial) -> TrialRecord:
         versions=_dict(attrs.get("versions")),
         params_count=_int(attrs.get("params_count")),
         resumed_from_epoch=_int(attrs.get("resumed_from_epoch")),
+        origin=_str(attrs.get("origin")),
+        paused=_dict(attrs.get("paused")),
+        schedule=_str(attrs.get("schedule")),
+        active_since=_str(attrs.get("active_since")),
         images_per_s=_float(attrs.get("images_per_s")),
         peak_mem_mb=_float(attrs.get("peak_mem_mb")),
         status=_str(attrs.get("status")),
@@ -273,18 +362,30 @@ def _dict(value: Any) -> dict[str, Any] | None:
 
 
 def device_seconds(trial: optuna.trial.FrozenTrial) -> float:
-    """Seconds of device time the trial used: its recorded ``wall_s``, else start to end (or to now, while it runs).
+    """Seconds of device time the trial used: its recorded training time, else start to end (or to now, while it runs).
 
-    ``wall_s`` counts this trial's own training (a retry's, not its killed original's). A trial that
-    recorded none (failed, killed, still running) is charged from its start to its end: for a trial
-    failed as stale that includes the heartbeat grace period, a small overcount. A trial that never
-    started (WAITING) used nothing.
+    ``wall_s`` counts this trial's own training (a retry's, not its killed original's); a paused
+    trial's holds the stretches before its pause, and a resumed one adds its current stretch
+    (``active_since`` to its end, or to now). A trial that recorded none (failed, killed, still
+    running) is charged from its start to its end: for a trial failed as stale that includes the
+    heartbeat grace period, a small overcount. A trial that never started (WAITING) used nothing.
     """
-    wall = read(trial).wall_s
-    if wall is not None:
-        return wall
+    rec = read(trial)
+    if trial.state == optuna.trial.TrialState.WAITING:  # a re-queued retry carries no time of its own
+        return 0.0
+    if rec.wall_s is not None and (is_paused(trial) or trial.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)):
+        return rec.wall_s
+    if rec.wall_s is not None and rec.active_since:
+        try:
+            since = datetime.fromisoformat(rec.active_since)
+        except ValueError:
+            return rec.wall_s
+        end = trial.datetime_complete.astimezone(UTC) if trial.datetime_complete else datetime.now(UTC)
+        return rec.wall_s + max(0.0, (end - since).total_seconds())
+    if rec.wall_s is not None:
+        return rec.wall_s
     start = trial.datetime_start
-    if start is None or trial.state == optuna.trial.TrialState.WAITING:  # a re-queued retry carries no time of its own
+    if start is None:
         return 0.0
     # Optuna 4 stores naive local times, Optuna 5 aware UTC ones: compare each with its own kind.
     end = trial.datetime_complete or datetime.now(start.tzinfo)

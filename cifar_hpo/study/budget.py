@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -93,16 +94,27 @@ def per_epoch_seconds(trials: list[optuna.trial.FrozenTrial]) -> float | None:
     return seconds / epochs if epochs else None
 
 
-def account(study: optuna.Study, budget_s: float, epochs: int) -> Account:
-    """The study's account against ``budget_s`` for trials of ``epochs`` epochs."""
+def account(study: optuna.Study, budget_s: float, epochs: int, rule: Any = None) -> Account:
+    """The study's account against ``budget_s`` for trials of ``epochs`` epochs.
+
+    ``rule``: the study's pause-and-promote rule (`scheduling.Rule`), if it has one: a paused trial
+    is then expected to use nothing more, and a running one only up to its next rung (where it may
+    pause); without one, a running trial is expected to train all its epochs.
+    """
     trials = study.get_trials(deepcopy=False)
     per_epoch = per_epoch_seconds(trials)
     spent = sum(record.device_seconds(t) for t in trials)
     committed = 0.0
     if per_epoch is not None:
         for t in trials:
-            if t.state == TrialState.RUNNING:
+            if t.state != TrialState.RUNNING or record.is_paused(t):
+                continue
+            if rule is None:
                 committed += max(0.0, per_epoch * epochs - record.device_seconds(t))
+            else:
+                at = max(t.intermediate_values, default=0)
+                stop = epochs if record.read(t).origin == record.RECIPE else rule.next_stop(at)
+                committed += per_epoch * max(0, stop - at)
     return Account(budget_s=budget_s, spent_s=spent, committed_s=committed, per_epoch_s=per_epoch)
 
 

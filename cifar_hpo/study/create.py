@@ -11,6 +11,7 @@ per trial once it has finished trials.
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 import uuid
@@ -20,8 +21,10 @@ import optuna
 
 from cifar_hpo import storage
 from cifar_hpo.errors import UserError
+from cifar_hpo.storage import optuna_compat, record
 from cifar_hpo.study.objective import finished_count
 from cifar_hpo.study.pruning import make_pruner
+from cifar_hpo.study.search_space import recipe_point
 from cifar_hpo.study.spec import StudySpec
 
 # How long a study of that name without our attributes may be one that a run started at the same
@@ -46,16 +49,74 @@ def sampler_seed(spec: StudySpec) -> int:
 
 
 def make_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
-    """The spec's sampler with this ``seed`` (see ``sampler_seed``)."""
+    """The spec's sampler with this ``seed`` (see ``sampler_seed``); under pause and promote, one that sees paused trials."""
     if spec.sampler.kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     with storage.quiet_experimental():
-        return optuna.samplers.TPESampler(
+        tpe = optuna.samplers.TPESampler(
             multivariate=spec.sampler.multivariate,
             n_startup_trials=spec.sampler.n_startup_trials,
             constant_liar=True,  # parallel workers: running trials count as bad, so they spread out
             seed=seed,
         )
+    return PausedAsPruned(tpe) if spec.pruner.kind == "promote" else tpe
+
+
+def shown_as_pruned(trial: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:
+    """A paused trial as the sampler sees it: pruned at the rung where it paused (others as they are)."""
+    if not record.is_paused(trial):
+        return trial
+    shown = copy.copy(trial)
+    shown.state = optuna.trial.TrialState.PRUNED
+    return shown
+
+
+class PausedAsPruned(optuna.samplers.BaseSampler):
+    """A sampler that sees each paused trial as pruned at its rung, as Optuna's pruned trials are seen.
+
+    A paused trial is RUNNING in Optuna's tables (`scheduling`). TPE would count it neither among
+    its startup trials (finished ones only) nor by its value (its constant liar ranks every running
+    trial below every finished one): in a promotion study most trials stay paused until the end,
+    and TPE kept drawing at random (``bench search --samplers``, docs/pruning.md). Shown as pruned,
+    a paused trial is ranked as TPE ranks pruned trials: by the epoch it reached, then its value there.
+    """
+
+    def __init__(self, base: optuna.samplers.BaseSampler) -> None:
+        self.base = base
+
+    def _view(self, study: optuna.Study) -> Any:
+        return optuna_compat.TrialsView(study, shown_as_pruned)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+        return self.base.infer_relative_search_space(self._view(study), trial)
+
+    def sample_relative(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, search_space: dict[str, Any]) -> dict[str, Any]:
+        return self.base.sample_relative(self._view(study), trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, param_name: str,
+                           param_distribution: Any) -> Any:  # fmt: skip
+        return self.base.sample_independent(self._view(study), trial, param_name, param_distribution)
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.base.before_trial(study, trial)
+
+    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, state: Any, values: Any) -> None:
+        self.base.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.base.reseed_rng()
+
+
+def enqueue_recipe(study: optuna.Study, spec: StudySpec) -> None:
+    """Make the model's registry recipe the new study's first configuration, where its search space contains it.
+
+    So even a tiny study starts from a known-good point and its sampler learns from it; the trial is
+    marked (`record.RECIPE`) and, under pause and promote, trains to the end (`scheduling`). Where
+    the space cannot express the recipe (`search_space.recipe_point` says why) nothing is enqueued.
+    """
+    point, _ = recipe_point(spec)
+    if point is not None and not any(record.read(t).origin == record.RECIPE for t in study.get_trials(deepcopy=False)):
+        study.enqueue_trial(point, user_attrs={"origin": record.RECIPE}, skip_if_exists=True)
 
 
 def split_attrs(spec: StudySpec, split_hash: str) -> dict[str, Any]:
@@ -171,6 +232,7 @@ def open_study(spec: StudySpec, url: str, split_hash: str, st: optuna.storages.R
         wanted = split_attrs(spec, split_hash)
         for key, value in {**wanted, "model": spec.model, "search_space": spec.search_space, "spec": spec.to_dict()}.items():
             study.set_user_attr(key, value)
+        enqueue_recipe(study, spec)
     elif (existing.user_attrs.get("spec") or {}).get("epochs", spec.epochs) != spec.epochs:
         study.set_user_attr("spec", spec.to_dict())  # no trial finished at the old length: the study is this run's
     if (existing is None or "uid" not in existing.user_attrs) and "uid" not in study.user_attrs:

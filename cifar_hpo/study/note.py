@@ -20,7 +20,7 @@ import optuna
 from cifar_hpo.storage import quiet_experimental
 from cifar_hpo.study import pruning
 from cifar_hpo.study.budget import duration_text
-from cifar_hpo.study.search_space import default_recipe, load_search_space
+from cifar_hpo.study.search_space import default_recipe, load_search_space, recipe_point
 from cifar_hpo.study.spec import StudySpec
 
 METRIC = "val_acc"  # what each trial returns and reports per epoch: accuracy on the validation split (0..1)
@@ -105,6 +105,27 @@ def _budget_words(spec: StudySpec) -> str:
     return f" or a budget of {duration_text(spec.budget_s)} of device time over all trials and workers (whichever ends first)"
 
 
+def _first_words(spec: StudySpec) -> str:
+    """The study's first configuration: the model's registry recipe where the search space contains it, or why not."""
+    try:
+        point, why = recipe_point(spec)
+    except Exception as e:  # a search space that does more than suggest: say so, never fail the run for a note
+        return f"(the recipe could not be placed in the search space: {type(e).__name__})"
+    if point is None:
+        return f"no trial is enqueued for the model's registry recipe (`{spec.recipe}`): {why}"
+    trains = ", trains to the end (never paused), so the study is never worse than it" if spec.pruner.kind == "promote" else ""
+    return f"the model's registry recipe (`{spec.recipe}`), enqueued as the first trial{trains}"
+
+
+def _paused_words(spec: StudySpec) -> str:
+    """Where a paused trial's state shows, under pause and promote."""
+    if spec.pruner.kind != "promote":
+        return ""
+    return ("\n\n**Paused trials** are RUNNING in Optuna's tables (Optuna has no paused state): each one's `paused` and "
+            "`schedule` user attributes say where it paused and why (\"paused at epoch 4: rank 7 of 24, the top 6 go on\"); "
+            "`cifar-hpo status --study NAME` lists them as paused. A stopped trial is PRUNED with its reason in `schedule`.")
+
+
 def study_note(spec: StudySpec, split_hash: str, counts: tuple[int, int] | None = None) -> str:
     """The study's note in Markdown: what is measured, the spec, the data split and the search space in words."""
     d = spec.data
@@ -126,6 +147,8 @@ The test split is never used by a trial.
 
 **Spec**: model `{spec.model}`, search space `{spec.search_space}` (`search_spaces/{spec.search_space}.py`), {spec.epochs} epochs
 per trial, {wanted}, sampler {_sampler_words(spec)}, pruner {pruning.pruner_words(spec)}, seed {spec.seed}.
+
+**First configuration**: {_first_words(spec)}.{_paused_words(spec)}
 
 **Data split**: `{d.source}`{subset}; {100 * d.val_fraction:g} % of the training images held out for validation,
 stratified, split seed {d.split_seed}{images}. Split hash `{split_hash}` (every trial records it).

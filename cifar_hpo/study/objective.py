@@ -39,7 +39,7 @@ from cifar_hpo.errors import UserError
 from cifar_hpo.params import TrialParams
 from cifar_hpo.storage import checkpoint, optuna_compat, record
 from cifar_hpo.storage.refused import WriteRefused, refusal, refusing
-from cifar_hpo.study import pruning
+from cifar_hpo.study import pruning, scheduling
 from cifar_hpo.study.spec import StudySpec
 
 KEEP_BEST = 3  # a completed trial writes its checkpoint when it is among this many best so far
@@ -56,6 +56,14 @@ class NonFiniteLoss(RuntimeError):
 
 class Interrupted(KeyboardInterrupt):
     """SIGTERM (preemption) turned into an interrupt, so the trial is saved and marked."""
+
+
+class TrialPaused(BaseException):
+    """The trial paused at a rung (pause and promote, `scheduling`): its snapshot is saved, and it stays RUNNING.
+
+    A BaseException, so that Optuna records nothing (the trial is not finished: a worker resumes it
+    when it ranks among its rung's best, or stops it when the study ends); the message is the reason.
+    """
 
 
 class TrialNotSaved(BaseException):
@@ -85,6 +93,8 @@ class Context:
     # Calls a database write once training is over; ``run.work`` retries it while the database is
     # away, so a lost connection does not throw a trained trial's result away.
     until_written: Callable[[Callable[[], Any]], Any] = field(default=lambda write: write())
+    # The number of the paused trial this worker has claimed and now resumes (pause and promote), else None.
+    resuming: int | None = None
 
 
 def study_uid(study: optuna.Study) -> str:
@@ -139,29 +149,50 @@ def objective(trial: optuna.Trial, ctx: Context) -> float:
         model = models.build(params, ctx.data.num_classes).to(ctx.data.device)
         record.write_params_count(trial, sum(p.numel() for p in model.parameters()))
         identity = snapshot_identity(trial, ctx, lineage)
+        # A retry inherits its original's reports, a resumed (promoted) trial has its own; training resumes from the
+        # snapshot, or re-trains those epochs without one (they are not reported again, nor decided again at rungs).
+        frozen = trial.storage.get_trial(optuna_compat.trial_id(trial))
+        reported = set(frozen.intermediate_values)
+        promoted = ctx.resuming == trial.number  # a paused trial this worker resumed: its training time goes on adding up
         resume, legacy = _snapshot_to_resume(folder, legacy_trial_folder(ctx.results, ctx.spec.name, lineage), identity, ctx,
-                                             retry=root is not None)  # fmt: skip
+                                             retry=root is not None or promoted)  # fmt: skip
         owned += [legacy] if legacy is not None else []
-        if root is not None:
-            record.clear_failure(trial)  # copied from the failed original; this retry has not failed
-        # A retry inherits its original's reports; a retry without a snapshot re-trains those epochs.
-        reported = set(trial.storage.get_trial(optuna_compat.trial_id(trial)).intermediate_values)
+        if root is not None and not promoted:
+            record.clear_inherited(trial)  # copied from the failed original: its failure, its pause, its training time
+        wall_before = (record.read(frozen).wall_s or 0.0) if promoted else 0.0
+        if promoted:
+            record.write_active_since(trial)
         if resume is not None:
-            record.write_resumed(trial, int(resume["epoch"]))
+            if not promoted:
+                record.write_resumed(trial, int(resume["epoch"]))
             ctx.log(f"trial {trial.number}: resuming trial {lineage} from epoch {int(resume['epoch'])}")
-        best: dict[str, Any] = {"acc": -1.0, "state": None, "epoch": 0}
+        elif reported:
+            ctx.log(f"trial {trial.number}: no snapshot of trial {lineage} here; training its {max(reported)} epoch(s) again")
+        best = _best_from(resume)
         last_snapshot = [time.time()]
+        rule = scheduling.rule_of(ctx.spec)
 
         def on_epoch(result: training.EpochResult, snapshot: Callable[[], dict]) -> None:
             if not math.isfinite(result.val_loss):
                 return  # train() ends this run with status "nonfinite" itself
-            if result.epoch not in reported:
+            fresh = result.epoch not in reported
+            if fresh:
                 trial.report(training.rung_acc(result), result.epoch)
             if result.val_acc > best["acc"] and model is not None:
                 best.update(acc=result.val_acc, epoch=result.epoch,
                             state={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})  # fmt: skip
+            decision = scheduling.decide(trial.study, rule, lineage, result.epoch, ctx.target_trials) \
+                if rule is not None and fresh else None  # fmt: skip
+            if decision is not None and not decision.go_on and decision.standing is not None:
+                checkpoint.save(_snapshot_with_best(snapshot(), best, identity), last)
+                text = f"paused at epoch {result.epoch}: {decision.standing.words()}"
+                s = decision.standing
+                record.write_paused(trial, epoch=result.epoch, rank=s.rank, of=s.n, keep=s.keep, text=text,
+                                    wall_s=wall_before + time.time() - started)  # fmt: skip
+                _progress(ctx, trial, n_done, result, started)
+                raise TrialPaused(f"trial #{trial.number} {text}")
             if result.epoch < ctx.spec.epochs and time.time() - last_snapshot[0] >= ctx.snapshot_every_s:
-                checkpoint.save({**snapshot(), "identity": identity}, last)
+                checkpoint.save(_snapshot_with_best(snapshot(), best, identity), last)
                 last_snapshot[0] = time.time()
             _progress(ctx, trial, n_done, result, started)
             if trial.should_prune():
@@ -172,10 +203,10 @@ def objective(trial: optuna.Trial, ctx: Context) -> float:
                                   probe_epochs=pruning.probe_epochs(ctx.spec), ema_horizon=pruning.ema_horizon(ctx.spec),
                                   ema_epochs=pruning.ema_epochs(ctx.spec))
         except optuna.TrialPruned:
-            ctx.until_written(lambda: _record(trial, ctx, started, None, best))
+            ctx.until_written(lambda: _record(trial, ctx, wall_before + time.time() - started, None, best))
             _remove(owned)
             raise
-        ctx.until_written(lambda: _record(trial, ctx, started, history, best))
+        ctx.until_written(lambda: _record(trial, ctx, wall_before + time.time() - started, history, best))
         if history.status == "nonfinite":
             raise NonFiniteLoss(f"non-finite training loss in epoch {len(history.epochs) + 1}; lower lr or use fp32")
         value = float(history.best_val_acc)
@@ -204,6 +235,25 @@ def objective(trial: optuna.Trial, ctx: Context) -> float:
         model = None  # drop the reference before freeing device memory
         if ctx.data.device.type == "cuda":
             _free_device_memory()
+
+
+def _snapshot_with_best(snap: dict[str, Any], best: dict[str, Any], identity: dict[str, Any]) -> dict[str, Any]:
+    """A resumable snapshot with what it belongs to and the trial's best epoch so far.
+
+    The best epoch's weights are stored only when they are not the snapshot's own (the best epoch
+    is usually the last one), so a paused trial's file holds one copy of the weights in most cases.
+    """
+    current = best["epoch"] == snap["epoch"]
+    return {**snap, "identity": identity, "best": {"acc": best["acc"], "epoch": best["epoch"], "state": None if current else best["state"]}}
+
+
+def _best_from(resume: dict[str, Any] | None) -> dict[str, Any]:
+    """The best epoch so far of a run that resumes from ``resume`` (its weights, for the checkpoint artifact)."""
+    kept = (resume or {}).get("best")
+    if not isinstance(kept, dict) or not isinstance(kept.get("epoch"), int) or not kept["epoch"]:
+        return {"acc": -1.0, "state": None, "epoch": 0}
+    state = kept.get("state") if kept.get("state") is not None else resume.get("model_state")  # type: ignore[union-attr]
+    return {"acc": float(kept["acc"]), "epoch": int(kept["epoch"]), "state": state}
 
 
 def snapshot_identity(trial: optuna.Trial, ctx: Context, lineage: int) -> dict[str, Any]:
@@ -292,8 +342,8 @@ def _free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _record(trial: optuna.Trial, ctx: Context, started: float, history: Any, best: dict[str, Any]) -> None:
-    """Per-trial attributes and the learning-curve artifact (also for pruned trials)."""
+def _record(trial: optuna.Trial, ctx: Context, wall_s: float, history: Any, best: dict[str, Any]) -> None:
+    """Per-trial attributes and the learning-curve artifact (also for pruned trials); ``wall_s``: its training time."""
 
     images_per_s = peak_mem_mb = status = None  # not known for a pruned trial
     if history is None:
@@ -305,13 +355,31 @@ def _record(trial: optuna.Trial, ctx: Context, started: float, history: Any, bes
         images_per_s = sum(e["images_per_s"] for e in epochs) / max(1, len(epochs))
         peak_mem_mb = max((e["peak_mem_mb"] for e in epochs), default=0.0)
         status = history.status
-    record.write_result(trial, epochs_run=len(epochs), best_epoch=best["epoch"], wall_s=round(time.time() - started, 2),
+    record.write_result(trial, epochs_run=len(epochs), best_epoch=best["epoch"], wall_s=round(wall_s, 2),
                         images_per_s=images_per_s, peak_mem_mb=peak_mem_mb, status=status)  # fmt: skip
+    _upload_curve(trial, ctx, epochs)
+
+
+def _upload_curve(trial: optuna.Trial, ctx: Context, epochs: list[dict[str, Any]]) -> None:
+    """The learning curve as the image artifact ``trial-N-curve.png``."""
     with tempfile.TemporaryDirectory() as tmp:
         png = Path(tmp) / f"trial-{trial.number}-curve.png"
         with refusing(png):  # a full temp folder
             plots.learning_curve(epochs, png, title=f"{ctx.spec.name} trial {trial.number}")
         optuna.artifacts.upload_artifact(artifact_store=ctx.store, file_path=str(png), study_or_trial=trial, mimetype="image/png")
+
+
+def stop_paused(trial: optuna.Trial, ctx: Context, text: str) -> None:
+    """Stop a paused trial for good (its study is ending): its reason, its curve, PRUNED, its snapshot deleted.
+
+    ``trial``: a paused trial this worker claimed (`record.claim_paused`).
+    """
+    record.write_schedule(trial, text)
+    reports = trial.storage.get_trial(optuna_compat.trial_id(trial)).intermediate_values
+    _upload_curve(trial, ctx, [{"epoch": k, "val_acc": v} for k, v in sorted(reports.items())])
+    trial.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    root = storage.retried_trial_number(trial)
+    _remove([trial_folder(ctx.results, trial.study, trial.number if root is None else root)])
 
 
 def _keep_checkpoint(trial: optuna.Trial, ctx: Context, params: TrialParams, best: dict[str, Any], value: float) -> None:

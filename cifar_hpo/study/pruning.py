@@ -144,11 +144,39 @@ def _rung_top_k_words(a: PrunerArgs) -> str:
             f"a trial continues while fewer than {a.keep} trial(s) did better there)")  # fmt: skip
 
 
+def promotion_rungs(min_resource: int, reduction_factor: int, epochs: int) -> list[int]:
+    """Pause and promote's rungs: those of `geometric_rungs` that leave a whole step after them (``rung * rf <= epochs``).
+
+    A rung right before the end (epoch 9 of 10 at rf 3) saves an epoch per trial it stops, and stops
+    trials whose accuracy is all but final: their value is lost to the study's best (a stopped trial
+    is pruned), so it cost more than it saved in ``bench search`` (docs/pruning.md).
+    """
+    rungs, r = [], min_resource
+    while r * reduction_factor <= epochs:
+        rungs.append(r)
+        r *= reduction_factor
+    return rungs
+
+
+def _promote_words(a: PrunerArgs) -> str:
+    rungs = ", ".join(map(str, promotion_rungs(a.min_resource, a.reduction_factor, a.epochs))) or "none"
+    return (f"pause and promote on epochs (at the rungs, epochs {rungs}, a trial goes on while it ranks in the top "
+            f"1/{a.reduction_factor} of the trials that reached that rung, and is paused with its snapshot otherwise; "
+            "a paused trial is resumed when it ranks there later; once every trial has begun, at least one goes on "
+            "from each rung and the rest are stopped)")  # fmt: skip
+
+
 def _median_words(a: PrunerArgs) -> str:
     return f"median (never in the first {a.n_startup_trials} trials nor before epoch {a.n_warmup_steps + 1})"
 
 
 PRUNERS: dict[str, PrunerKind] = {  # the order of the study file's error message
+    # Pause and promote (study.scheduling): the scheduler decides at the rungs, Optuna's pruner never prunes.
+    "promote": PrunerKind(
+        build=lambda a: optuna.pruners.NopPruner(),
+        rungs=promotion_rungs,
+        words=_promote_words,
+    ),
     "hyperband": PrunerKind(
         build=lambda a: optuna.pruners.HyperbandPruner(
             min_resource=a.min_resource, max_resource=a.epochs, reduction_factor=a.reduction_factor

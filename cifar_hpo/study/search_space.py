@@ -110,3 +110,73 @@ def suggest_params(spec: StudySpec, trial: optuna.trial.BaseTrial) -> TrialParam
     if params.model != spec.model:
         raise ValueError(f"search space {spec.search_space!r} built model {params.model!r}, the study file says {spec.model!r}")
     return params
+
+
+class _RecipeTrial:
+    """A stand-in for an Optuna trial that answers each ``suggest_*`` with the recipe's own value of that name.
+
+    A name is a `TrialParams` field or an ``arch`` option of the recipe. What the recipe has no
+    value for, or a value outside the suggested range or choices, is noted in ``problems``.
+    """
+
+    def __init__(self, recipe: TrialParams) -> None:
+        self.recipe = recipe
+        self.params: dict[str, Any] = {}
+        self.problems: list[str] = []
+
+    def _own(self, name: str, fallback: Any) -> Any:
+        if name in self.recipe.arch:
+            return self.recipe.arch[name]
+        if name in TrialParams.__dataclass_fields__:
+            return getattr(self.recipe, name)
+        self.problems.append(f"the recipe has no value for the parameter {name!r}")
+        return fallback
+
+    def _number(self, name: str, low: float, high: float) -> Any:
+        value = self._own(name, low)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+            self.problems.append(f"{name} {value!r} is outside the space's range [{low:g}, {high:g}]")
+            value = low
+        self.params[name] = value
+        return value
+
+    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False) -> float:
+        return float(self._number(name, low, high))
+
+    def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int:
+        return int(self._number(name, low, high))
+
+    def suggest_categorical(self, name: str, choices: Any) -> Any:
+        choices = list(choices)
+        value = self._own(name, choices[0])
+        if value not in choices:
+            self.problems.append(f"{name} {value!r} is not among the space's choices {choices}")
+            value = choices[0]
+        self.params[name] = value
+        return value
+
+
+def recipe_point(spec: StudySpec) -> tuple[dict[str, Any] | None, str]:
+    """The search-space parameters that train exactly the study's recipe (`default_recipe`), or None and why not.
+
+    Each parameter the search space suggests is answered with the recipe's value of the same name;
+    the point counts only if the search space, replayed on it, gives back the recipe itself. The
+    fast spaces search around their recipe and contain it; spaces that search other choices (the
+    pretrained spaces fine-tune, the recipe trains from scratch) do not.
+    """
+    import optuna  # the search space replays through FixedTrial; listing spaces does not need optuna
+
+    recipe = default_recipe(spec)
+    module = load_search_space(spec.search_space)
+    probe = _RecipeTrial(recipe)
+    try:
+        module.suggest(probe, recipe)
+    except Exception as e:  # noqa: BLE001 - a stand-in value may not build valid TrialParams: the recipe is not in the space
+        probe.problems.append(f"the search space refused the recipe's values ({type(e).__name__}: {e})")
+    if probe.problems:
+        return None, probe.problems[0]
+    replayed = module.suggest(optuna.trial.FixedTrial(probe.params), recipe)
+    if replayed != recipe:
+        differ = [k for k, v in replayed.to_dict().items() if recipe.to_dict()[k] != v]
+        return None, f"the space cannot express the recipe's {', '.join(differ)}"
+    return probe.params, "the model's registry recipe"

@@ -64,9 +64,9 @@ class SamplerSpec:
 class PrunerSpec:
     """Which Optuna pruner stops bad trials early; resources are epochs."""
 
-    kind: str = "successive_halving"  # measured with `cifar-hpo bench search` (docs/pruning.md)
-    min_resource: int = 1  # epochs a trial trains before it can be pruned
-    reduction_factor: int = 4  # hyperband / successive halving: keep 1/rf per rung
+    kind: str = "promote"  # pause and promote (study.scheduling), measured with `cifar-hpo bench search` (docs/pruning.md)
+    min_resource: int = 1  # epochs a trial trains before it can be paused or pruned
+    reduction_factor: int = 3  # promote / hyperband / successive halving: 1/rf go on from each rung
     n_startup_trials: int = 5  # median: trials that are never pruned
     n_warmup_steps: int = 1  # median: epochs before pruning starts
     # What a rung compares (cifar_hpo.study.pruning): "plain" accuracy, a "probe" (wsd schedule,
@@ -310,6 +310,8 @@ def _validate(spec: StudySpec, where: str) -> None:
     _check(spec.pruner.fidelity in pruning.FIDELITIES, where, "pruner.fidelity", f"must be one of {', '.join(pruning.FIDELITIES)}")
     _check(spec.pruner.reduction_factor >= 2, where, "pruner.reduction_factor", "must be >= 2")
     _check(spec.pruner.keep >= 1, where, "pruner.keep", "must be >= 1")
+    _check(spec.pruner.kind != "promote" or spec.pruner.fidelity == "plain", where, "pruner.fidelity",
+           "must be 'plain' with kind = 'promote' (pause and promote ranks the plain accuracy)")  # fmt: skip
     _check(0.0 < spec.data.val_fraction < 1.0, where, "data.val_fraction", "must be in (0, 1)")
     _check(spec.data.subset is None or spec.data.subset >= 20, where, "data.subset", "must be >= 20")
     load_search_space(spec.search_space, where=f"{where}: search_space")

@@ -34,10 +34,11 @@ from cifar_hpo.errors import UserError, caused_by, first_line
 from cifar_hpo.storage import heartbeat, optuna_compat, record
 from cifar_hpo.storage.refused import refusal, refusals_as_one_line
 from cifar_hpo.storage.sqlite import sqlite_file
-from cifar_hpo.study import budget
+from cifar_hpo.study import budget, scheduling
 from cifar_hpo.study.create import make_sampler, sampler_seed
-from cifar_hpo.study.objective import Context, Interrupted, finished_count, objective
+from cifar_hpo.study.objective import Context, Interrupted, TrialPaused, finished_count, objective, stop_paused
 from cifar_hpo.study.pruning import make_pruner
+from cifar_hpo.study.scheduling import held_slots as _held_slots
 from cifar_hpo.study.spec import StudySpec
 
 MAX_FAILS_IN_ROW = 5
@@ -107,23 +108,6 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-_HOLDING = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-
-
-def _held_slots(trials: Sequence[optuna.trial.FrozenTrial], below: int | None = None) -> set[int]:
-    """The lineages (first trial numbers, see `heartbeat.lineage`) that hold one of the study's ``--trials`` slots.
-
-    A lineage holds its slot while one of its trials is finished, running or waiting, and while its
-    killed trial awaits its retry (`heartbeat.awaiting_retry`). Counted by lineage, not by trial: a
-    retry keeps its original's place, so a killed trial, its FAIL and its retry hold the slot without
-    a gap in which another configuration could take it. ``below``: only lineages that began below
-    that trial number.
-    """
-    awaiting = {t.number for t in heartbeat.awaiting_retry(trials)}
-    held = {heartbeat.lineage(t) for t in trials if t.state in _HOLDING or t.number in awaiting}
-    return held if below is None else {first for first in held if first < below}
 
 
 def _count_blocking(study: optuna.Study, number: int) -> int:
@@ -249,6 +233,7 @@ def work(spec: StudySpec, url: str, results: Path, data: Any, *, st: optuna.stor
 
     fails_in_row = 0
     started = time.time()
+    rule = scheduling.rule_of(spec)
     while True:
         with storage.quiet_experimental():
             optuna.storages.fail_stale_trials(study)
@@ -263,16 +248,31 @@ def work(spec: StudySpec, url: str, results: Path, data: Any, *, st: optuna.stor
         if timeout is not None and time.time() - started > timeout:
             log(f"--timeout {timeout:g}s reached; {p.finished}/{spec.trials} trials finished, run again to continue")
             break
-        if spec.budget_s is not None and not (account := budget.account(study, spec.budget_s, spec.epochs)).affords(spec.epochs):
-            log(f"{account.line()}: not enough for another trial; {p.finished}/{spec.trials} trials finished")
-            break
-        if p.held >= spec.trials and not p.waiting:
-            time.sleep(POLL_S)  # others' running trials may complete the study, or fail and free a slot
+        todo = _next(rule, p, spec.trials)
+        if spec.budget_s is not None:
+            account = budget.account(study, spec.budget_s, spec.epochs, rule)
+            if todo.kind != "stop" and not account.affords(_cost(rule, spec, p, todo)):
+                log(f"{account.line()}: not enough for {'the next promotion' if todo.kind == 'resume' else 'another trial'}; "
+                    f"{p.finished}/{spec.trials} trials finished")  # fmt: skip
+                break
+        if todo.kind == "stop":
+            _stop(study, st, todo, ctx, log)
+            continue
+        if todo.kind in ("wait", "done"):
+            time.sleep(POLL_S)  # others' running trials may complete the study, reach a rung, or fail and free a slot
             continue
         ran.clear()
         outcome.clear()
         try:
-            study.optimize(guarded, n_trials=1, catch=(Exception,), gc_after_trial=False)
+            if todo.kind == "resume":
+                if not _resume(study, st, todo, guarded, ctx, log):
+                    continue  # another worker took it first
+            else:
+                study.optimize(guarded, n_trials=1, catch=(Exception,), gc_after_trial=False)
+        except TrialPaused as e:
+            log(str(e))
+            fails_in_row = 0
+            continue
         except Exception as e:
             if not (outcome and _lost_database(e)):
                 raise
@@ -294,6 +294,128 @@ def work(spec: StudySpec, url: str, results: Path, data: Any, *, st: optuna.stor
                 )
         else:
             fails_in_row = 0
+
+
+def _next(rule: scheduling.Rule | None, p: _Progress, target: int) -> scheduling.Work:
+    """What this worker does next: a new trial (or a waiting one), a promotion, waiting, or stopping the paused trials.
+
+    Without pause and promote: a new or waiting trial while the study has a free slot or a waiting
+    retry, else wait for the others' running trials. With it: `scheduling.next_work`, where a waiting
+    trial (a killed trial's retry, the enqueued recipe) runs before anything but a promotion.
+    """
+    if rule is None:
+        return scheduling.Work("new" if p.held < target or p.waiting else "wait")
+    todo = scheduling.next_work(rule, scheduling.ladder(p.trials), new_left=p.held < target)
+    if p.waiting and todo.kind != "resume":
+        return scheduling.Work("new")  # Optuna's ask() takes the waiting trial first
+    return todo
+
+
+def _cost(rule: scheduling.Rule | None, spec: StudySpec, p: _Progress, todo: scheduling.Work) -> int:
+    """Epochs the next piece of work trains at most: a whole trial, or (pause and promote) up to its next rung."""
+    if rule is None:
+        return spec.epochs
+    if todo.kind == "resume":
+        at = next(c.epoch for c in scheduling.ladder(p.trials) if c.key == todo.key)
+        return rule.next_stop(at) - at
+    return rule.next_stop(0)
+
+
+def _paused_trial(study: optuna.Study, key: int | None) -> optuna.trial.FrozenTrial | None:
+    """The paused trial of configuration (lineage) ``key``, or None when it is paused no more."""
+    return next((t for t in study.get_trials(deepcopy=False) if heartbeat.lineage(t) == key and record.is_paused(t)), None)
+
+
+def _claim(study: optuna.Study, st: optuna.storages.RDBStorage, key: int | None) -> optuna.Trial | None:
+    """Take the paused trial of configuration ``key`` for this worker, or None when another worker took it first.
+
+    Its heartbeat is recorded before the claim: the moment the marker is gone the trial is an
+    ordinary running one, so a worker killed right after the claim leaves a trial that goes stale
+    and is retried from its snapshot, never one that is lost (`heartbeat.HeartbeatStorage` skips
+    paused trials, and reads their markers before their heartbeats).
+    """
+    frozen = _paused_trial(study, key)
+    marker = record.read(frozen).paused if frozen is not None else None
+    if frozen is None or marker is None:
+        return None
+    tid = optuna_compat.trial_id(frozen)
+    st.record_heartbeat(tid)
+    if not record.claim_paused(st, tid, marker):
+        return None
+    return optuna.Trial(study, tid)
+
+
+def _resume(study: optuna.Study, st: optuna.storages.RDBStorage, todo: scheduling.Work, func: Callable[[optuna.Trial], float],
+            ctx: Context, log: Callable[[str], None]) -> bool:  # fmt: skip
+    """Resume a paused trial that ranks in its rung's top now, as ``study.optimize`` runs a new one.
+
+    Its heartbeat is sent while it trains; the outcome is told as Optuna tells it (COMPLETE with the
+    value, PRUNED, or FAIL; Ctrl-C is told FAIL and raised again); exceptions that are not the trial's
+    (a pause, a lost database, a refused write) go up with the trial left RUNNING, as from ``optimize``.
+
+    Returns:
+        False when another worker claimed it first (nothing ran).
+    """
+    trial = _claim(study, st, todo.key)
+    if trial is None:
+        return False
+    assert todo.standing is not None
+    text = f"promoted at epoch {todo.standing.epoch}: {todo.standing.words()}"
+    record.write_schedule(trial, text)
+    log(f"trial #{trial.number} {text}")
+    value: float | None = None
+    error: BaseException | None = None
+    ctx.resuming = trial.number  # the objective goes on from the trial's own snapshot and training time
+    try:
+        with _beating(st, optuna_compat.trial_id(trial)):
+            try:
+                value, state = func(trial), TrialState.COMPLETE
+            except optuna.TrialPruned:
+                state = TrialState.PRUNED
+            except (Exception, KeyboardInterrupt) as e:
+                state, error = TrialState.FAIL, e
+    finally:
+        ctx.resuming = None
+    ctx.until_written(functools.partial(_tell_once, study, trial, state, value))
+    if isinstance(error, KeyboardInterrupt):
+        raise error
+    return True
+
+
+@contextlib.contextmanager
+def _beating(st: optuna.storages.RDBStorage, trial_id: int) -> Iterator[None]:
+    """Send the trial's heartbeat every ``heartbeat_interval`` seconds while the block runs (as Optuna's optimize does)."""
+    interval = getattr(st, "heartbeat_interval", None)
+    if not interval:
+        yield
+        return
+    import threading  # only workers that resume trials start one
+
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(interval):
+            st.record_heartbeat(trial_id)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def _stop(study: optuna.Study, st: optuna.storages.RDBStorage, todo: scheduling.Work, ctx: Context,
+          log: Callable[[str], None]) -> None:  # fmt: skip
+    """Every trial has begun and nothing can be promoted any more: stop the paused trials, each with its reason."""
+    for key, standing in todo.stop:
+        trial = _claim(study, st, key)
+        if trial is None:
+            continue  # another worker stops (or resumes) it
+        text = f"stopped at epoch {standing.epoch}: {standing.words()}; every trial has begun"
+        ctx.until_written(functools.partial(stop_paused, trial, ctx, text))
+        log(f"trial #{trial.number} {text}")
 
 
 def _tell_once(study: optuna.Study, trial: optuna.Trial, state: TrialState, value: float | None) -> None:
