@@ -311,3 +311,22 @@ def test_the_sampler_sees_a_paused_trial_as_pruned_at_its_rung(tmp_path: Path) -
     study.ask().suggest_float("x", 0, 1)
     assert [(t.number, t.state, t.last_step) for t in seen[0]] == [(0, TrialState.PRUNED, 1)]
     assert study.trials[0].state == TrialState.RUNNING  # only the sampler's view changed
+
+
+def test_status_lists_paused_trials_and_why(tmp_path: Path) -> None:
+    from cifar_hpo.commands.status import study_rows, trial_rows
+
+    spec = load_spec("fast_light")
+    url = f"sqlite:///{tmp_path}/db.sqlite3"
+    study = create.open_study(spec, url, "hash")
+    recipe = study.ask()  # the enqueued recipe, running
+    paused = study.ask()
+    paused.suggest_float("lr", 0.0375, 3.75, log=True)
+    paused.report(0.31, 1)
+    record.write_paused(paused, epoch=1, rank=7, of=24, keep=8, text="paused at epoch 1: rank 7 of 24, the top 8 go on", wall_s=3.0)
+    rows = {r["trial"]: r for r in trial_rows(study)}
+    assert rows[paused.number]["state"] == "paused" and rows[paused.number]["note"] == "paused at epoch 1: rank 7 of 24, the top 8 go on"
+    assert rows[paused.number]["seconds"] == 3.0  # its training so far, not the time since it began
+    assert rows[recipe.number]["state"] == "running" and rows[recipe.number]["note"] == "the model's recipe"
+    (row,) = study_rows(storage.open_existing(url))
+    assert (row["running"], row["paused"]) == (1, 1)

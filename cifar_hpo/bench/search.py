@@ -464,7 +464,7 @@ def promotion_sampler_check(bank: dict[str, Any], *, trials: int, epochs: int, s
     """
     configs = _aligned({"onecycle": bank})["onecycle"]
     dists = {k: optuna.distributions.json_to_distribution(v) for k, v in configs[0]["distributions"].items()}
-    rule = rule or make_rule(1, 4, epochs)
+    rule = rule or make_rule(1, 3, epochs)
 
     def tpe(seed: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.TPESampler(multivariate=True, constant_liar=True, n_startup_trials=startup, seed=seed)
@@ -693,7 +693,9 @@ def main(args: argparse.Namespace) -> int:
     }
     if args.samplers:
         out["samplers"] = sampler_check(banks["onecycle"], trials=[5, 10, 20, 40], startups=[4, 8, 12], seeds=args.seeds)
-        out["promotion_samplers"] = promotion_sampler_check(banks["onecycle"], trials=args.trials, epochs=epochs, seeds=args.seeds)
+        promote = make_rule(spec.pruner.min_resource, spec.pruner.reduction_factor, epochs)  # the shipped rule's shape
+        out["promotion_samplers"] = promotion_sampler_check(banks["onecycle"], trials=args.trials, epochs=epochs, seeds=args.seeds,
+                                                            rule=promote)  # fmt: skip
         for how in ("lookup", "surrogate"):
             for name, row in out["promotion_samplers"][how].items():
                 if isinstance(row, dict):

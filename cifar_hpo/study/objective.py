@@ -253,7 +253,9 @@ def _best_from(resume: dict[str, Any] | None) -> dict[str, Any]:
     if not isinstance(kept, dict) or not isinstance(kept.get("epoch"), int) or not kept["epoch"]:
         return {"acc": -1.0, "state": None, "epoch": 0}
     state = kept.get("state") if kept.get("state") is not None else resume.get("model_state")  # type: ignore[union-attr]
-    return {"acc": float(kept["acc"]), "epoch": int(kept["epoch"]), "state": state}
+    # On the CPU, as the best weights of a run that never paused (the snapshot was loaded onto the training device).
+    cpu = {k: v.detach().to("cpu", copy=True) for k, v in state.items()} if isinstance(state, dict) else None
+    return {"acc": float(kept["acc"]), "epoch": int(kept["epoch"]), "state": cpu}
 
 
 def snapshot_identity(trial: optuna.Trial, ctx: Context, lineage: int) -> dict[str, Any]:
