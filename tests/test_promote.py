@@ -115,8 +115,8 @@ def _planted_objective(curves: dict[int, list[float]], log: list[tuple[int, int]
         for epoch in range(done + 1, len(curve) + 1):
             log.append((lineage, epoch))
             trial.report(curve[epoch - 1], epoch)
-            d = scheduling.decide(trial.study, rule, lineage, epoch, ctx.target_trials)
-            if not d.go_on and d.standing is not None:
+            d = scheduling.decide(trial.study, rule, lineage, epoch, ctx.target_trials) if rule is not None else None
+            if d is not None and not d.go_on and d.standing is not None:
                 s = d.standing
                 record.write_paused(trial, epoch=epoch, rank=s.rank, of=s.n, keep=s.keep, text=f"paused at epoch {epoch}", wall_s=0.0)
                 raise TrialPaused(f"trial #{trial.number} paused at epoch {epoch}")
@@ -330,3 +330,25 @@ def test_status_lists_paused_trials_and_why(tmp_path: Path) -> None:
     assert rows[recipe.number]["state"] == "running" and rows[recipe.number]["note"] == "the model's recipe"
     (row,) = study_rows(storage.open_existing(url))
     assert (row["running"], row["paused"]) == (1, 1)
+
+
+def test_paused_trials_go_on_when_the_study_file_no_longer_pauses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without it, a study whose file switched from promote to another pruner waited for ever on its paused trials."""
+    f = tmp_path / "s.toml"
+    f.write_text(study_toml(name="s", epochs=4, trials=2, pruner="none"))
+    spec = load_spec(str(f))
+    url = f"sqlite:///{tmp_path}/db.sqlite3"
+    study = optuna.create_study(study_name="s", storage=storage.open_storage(url), direction="maximize")
+    for value in (0.3, 0.4):  # two trials paused at epoch 1 under the earlier file
+        trial = study.ask()
+        trial.suggest_float("x", 0, 1)
+        trial.report(value, 1)
+        record.write_paused(trial, epoch=1, rank=1, of=2, keep=0, text="paused at epoch 1", wall_s=1.0)
+    log: list[tuple[int, int]] = []
+    monkeypatch.setattr(worker, "objective", _planted_objective({0: [0.3, 0.5, 0.6, 0.7], 1: [0.4, 0.5, 0.6, 0.8]}, log))
+    monkeypatch.setattr(worker, "POLL_S", 0.01)  # a wait would show as a timeout, not as a hang
+    worker.work(spec, url, tmp_path / "results", None, st=storage.open_storage(url), seed=0, timeout=30)
+    trials = optuna.load_study(study_name="s", storage=url).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE] and [t.value for t in trials] == [0.7, 0.8]
+    assert sorted(log) == [(0, 2), (0, 3), (0, 4), (1, 2), (1, 3), (1, 4)]
+    assert all(record.read(t).schedule == "resumed: the study's pruner no longer pauses trials" for t in trials)

@@ -304,7 +304,11 @@ def _next(rule: scheduling.Rule | None, p: _Progress, target: int) -> scheduling
     trial (a killed trial's retry, the enqueued recipe) runs before anything but a promotion.
     """
     if rule is None:
-        return scheduling.Work("new" if p.held < target or p.waiting else "wait")
+        if p.held < target or p.waiting:
+            return scheduling.Work("new")
+        # Trials paused under an earlier study file that paused and promoted: they go on under today's pruner.
+        paused = [c.key for c in scheduling.ladder(p.trials) if c.status is scheduling.Status.PAUSED]
+        return scheduling.Work("resume", paused[0]) if paused else scheduling.Work("wait")
     todo = scheduling.next_work(rule, scheduling.ladder(p.trials), new_left=p.held < target)
     if p.waiting and todo.kind != "resume":
         return scheduling.Work("new")  # Optuna's ask() takes the waiting trial first
@@ -314,7 +318,7 @@ def _next(rule: scheduling.Rule | None, p: _Progress, target: int) -> scheduling
 def _cost(rule: scheduling.Rule | None, spec: StudySpec, p: _Progress, todo: scheduling.Work) -> int:
     """Epochs the next piece of work trains at most: a whole trial, or (pause and promote) up to its next rung."""
     if rule is None:
-        return spec.epochs
+        return spec.epochs  # a resumed trial trains less; what is left is not known here
     if todo.kind == "resume":
         at = next(c.epoch for c in scheduling.ladder(p.trials) if c.key == todo.key)
         return rule.next_stop(at) - at
@@ -359,8 +363,8 @@ def _resume(study: optuna.Study, st: optuna.storages.RDBStorage, todo: schedulin
     trial = _claim(study, st, todo.key)
     if trial is None:
         return False
-    assert todo.standing is not None
-    text = f"promoted at epoch {todo.standing.epoch}: {todo.standing.words()}"
+    s = todo.standing
+    text = f"promoted at epoch {s.epoch}: {s.words()}" if s is not None else "resumed: the study's pruner no longer pauses trials"
     record.write_schedule(trial, text)
     log(f"trial #{trial.number} {text}")
     value: float | None = None
