@@ -5,6 +5,7 @@ Run on the newest Optuna (the main venv) and on the lowest one pyproject.toml al
 
 from __future__ import annotations
 
+import copy
 import io
 import stat
 from datetime import UTC, datetime, timedelta
@@ -15,7 +16,7 @@ import pytest
 from optuna.trial import TrialState
 
 from cifar_hpo import storage
-from cifar_hpo.storage import heartbeat, optuna_compat
+from cifar_hpo.storage import heartbeat, optuna_compat, record
 
 
 @pytest.fixture
@@ -120,3 +121,45 @@ def test_start_times_compare_across_optuna_versions(study: optuna.Study) -> None
     assert abs(datetime.now(UTC) - start.astimezone(UTC)) < timedelta(minutes=5), (
         f"FrozenTrial.datetime_start {start!r} is neither local naive time (Optuna 4) nor aware UTC (Optuna 5)"
     )
+
+
+def test_a_trials_view_is_what_a_sampler_reads(study: optuna.Study) -> None:
+    """TPE reads trials through Study._get_trials (with its cache) and get_trials: the view must change both."""
+    first = study.ask()
+    first.suggest_float("x", 0, 1)
+    study.tell(first, 0.5)
+    running = study.ask()
+    running.suggest_float("x", 0, 1)
+
+    def as_pruned(t: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:
+        if t.state != TrialState.RUNNING:
+            return t
+        shown = copy.copy(t)
+        shown.state = TrialState.PRUNED
+        return shown
+
+    view = optuna_compat.TrialsView(study, as_pruned)
+    for read in (lambda: view._get_trials(deepcopy=False, states=(TrialState.PRUNED,), use_cache=True),
+                 lambda: view._get_trials(deepcopy=False, states=(TrialState.PRUNED,), use_cache=False),
+                 lambda: view.get_trials(deepcopy=False, states=(TrialState.PRUNED,))):  # fmt: skip
+        assert [t.number for t in read()] == [running.number], f"optuna {optuna.__version__}: Study._get_trials changed"
+    assert view.directions == study.directions and study.trials[1].state == TrialState.RUNNING
+    sampled = optuna.samplers.TPESampler(n_startup_trials=1, seed=0, constant_liar=True).sample_independent(
+        view, study.trials[1], "y", optuna.distributions.FloatDistribution(0, 1))  # fmt: skip
+    assert 0 <= sampled <= 1  # TPE runs on the view
+
+
+def test_a_paused_trial_is_claimed_by_one_of_two_takers(tmp_path: Path) -> None:
+    """The claim deletes a row of Optuna's user-attribute table (USER_ATTR_TABLE) only if it holds the marker."""
+    st = storage.open_storage(f"sqlite:///{tmp_path}/db.sqlite3")
+    study = optuna.create_study(study_name="claim", storage=st)
+    trial = study.ask()
+    record.write_paused(trial, epoch=1, rank=2, of=3, keep=1, text="paused at epoch 1", wall_s=1.0)
+    marker = record.read(study.trials[0]).paused
+    assert marker is not None and record.is_paused(study.trials[0])
+    tid = optuna_compat.trial_id(trial)
+    assert record.claim_paused(st, tid, marker) is True, f"optuna {optuna.__version__}: no {optuna_compat.USER_ATTR_TABLE} row?"
+    assert record.claim_paused(st, tid, marker) is False
+    assert record.read(study.trials[0]).paused is None and not record.is_paused(study.trials[0])
+    record.write_paused(trial, epoch=3, rank=1, of=3, keep=1, text="paused at epoch 3", wall_s=2.0)
+    assert record.claim_paused(st, tid, marker) is False  # an older pause's marker takes nothing
