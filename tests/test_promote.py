@@ -197,9 +197,16 @@ def _accounted(trials: list[optuna.trial.FrozenTrial], target: int) -> None:
                     assert r.datetime_start >= t.datetime_complete
 
 
+@pytest.fixture(scope="module")
+def slower_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """600 training images: a resumed trial trains long enough (half a second an epoch) to be killed in the middle."""
+    return make_image_folder(tmp_path_factory.mktemp("data") / "imgs", classes=("a", "b", "c", "d"), n_train=150, n_test=4)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def test_a_worker_killed_while_it_resumes_loses_nothing(tmp_path: Path, folder: Path, backend: str) -> None:
+def test_a_worker_killed_while_it_resumes_loses_nothing(tmp_path: Path, slower_folder: Path, backend: str) -> None:
+    folder = slower_folder
     study = _promote_study_file(tmp_path, trials=10, epochs=6)
     name = study.stem
     url = PG if backend == "postgres" else f"sqlite:///{tmp_path}/db.sqlite3"
