@@ -147,6 +147,28 @@ def test_the_retry_of_a_trial_beyond_the_target_stands_down(tmp_path: Path, monk
     assert retry.state == TrialState.FAIL and record.read(retry).fail_kind is record.FailKind.SURPLUS
 
 
+def test_a_surplus_trial_prints_one_line_and_no_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capfd: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    # The same half-done retry beyond the target: it stands down (SurplusTrial), which Optuna logged as a failure
+    # with its traceback (about 20 lines; seen in the three-workers test under load), beside the worker's own line.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # what `run` sets
+    spec, url, study, ran = _setup(tmp_path, monkeypatch, trials=2)
+    _complete(study)
+    other = _running(study)
+    _retry(study, _failed_as_stale(study))
+
+    def other_worker_finishes(seconds: float) -> None:
+        if optuna_compat.study_storage(study).get_trial(other._trial_id).state == TrialState.RUNNING:
+            study.tell(other, 0.5)
+
+    monkeypatch.setattr(worker, "time", SimpleNamespace(time=__import__("time").time, sleep=other_worker_finishes))
+    capfd.readouterr()
+    _work(spec, url, tmp_path)
+    out, err = capfd.readouterr()
+    assert "trial #3 FAILED: surplus: the study already had enough finished or running trials" in out
+    assert "Traceback" not in err and "SurplusTrial" not in err, err
+
+
 def test_no_second_retry_of_one_trial_is_left_waiting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Two workers re-queued killed #1 at the same moment (#2, #3). Before: #2 ran, the study was done
     # and the loop ended with #3 WAITING (`waiting_left` 1).

@@ -48,9 +48,10 @@ POLL_S = 5.0  # how often a worker waiting on others' running trials looks again
 
 
 class _NoInterruptTraceback(logging.Filter):
-    """Drops Optuna's "Trial N failed ... because of Interrupted" traceback (about 25 lines) on SIGTERM or Ctrl-C.
+    """Drops Optuna's "Trial N failed ... because of ..." traceback (about 25 lines) where the run says it in one line.
 
-    The interrupted trial is re-queued on purpose (see ``objective``) and the run says so in one line.
+    On SIGTERM or Ctrl-C the interrupted trial is re-queued on purpose (see ``objective``); a surplus
+    trial stands down on purpose (`SurplusTrial`): the worker's own line says so ("FAILED: surplus: ...").
     """
 
     def __init__(self) -> None:
@@ -61,7 +62,7 @@ class _NoInterruptTraceback(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         message = record.getMessage()
         number = message.split(" ", 2)[1] if message.startswith("Trial ") else ""
-        if isinstance(exc, KeyboardInterrupt):
+        if isinstance(exc, KeyboardInterrupt | SurplusTrial):
             self.interrupted.add(number)
             return False
         return not (number in self.interrupted and "failed with value" in message)
