@@ -99,3 +99,10 @@ def test_the_replay_trains_the_recipe_to_the_end() -> None:
     curves = [[0.1 * (e + 1) / 10 for e in range(10)], *[[0.5] * 10 for _ in range(7)]]
     out = simulate(RULE, curves, protected=[0])
     assert 0 in out.completed
+
+
+def test_the_time_left_counts_the_epochs_the_rule_is_expected_to_train() -> None:
+    from cifar_hpo.study.scheduling import expected_epochs
+
+    assert expected_epochs(make_rule(1, 3, 10)) == pytest.approx(1 + 2 / 3 + 7 / 9)  # every config 1, a third 2 more, ...
+    assert expected_epochs(make_rule(1, 4, 3)) == 3  # no rung: every trial trains its epochs

@@ -425,10 +425,15 @@ def _progress(ctx: Context, trial: optuna.Trial, n_done: int, r: Any, started: f
         best = f"{trial.study.best_value:.4f}"
     except ValueError:
         best = "-"  # no complete trial yet
-    per_epoch = (time.time() - started) / max(1, r.epoch)
-    left_trial = per_epoch * (ctx.spec.epochs - r.epoch)
-    mean_trial = sum(ctx.trial_seconds) / len(ctx.trial_seconds) if ctx.trial_seconds else per_epoch * ctx.spec.epochs
-    left = left_trial + mean_trial * max(0, ctx.target_trials - n_done - 1)
+    rule = scheduling.rule_of(ctx.spec)
+    if rule is None:
+        per_epoch = (time.time() - started) / max(1, r.epoch)
+        left_trial = per_epoch * (ctx.spec.epochs - r.epoch)
+        mean_trial = sum(ctx.trial_seconds) / len(ctx.trial_seconds) if ctx.trial_seconds else per_epoch * ctx.spec.epochs
+        left = left_trial + mean_trial * max(0, ctx.target_trials - n_done - 1)
+    else:  # pause and promote: the epochs the rule is expected to train in all, less those trained so far
+        trained = sum(len(t.intermediate_values) for t in trial.study.get_trials(deepcopy=False))
+        left = r.seconds * max(0.0, ctx.target_trials * scheduling.expected_epochs(rule) - trained)
     ctx.log(
         f"trial {n_done + 1}/{ctx.target_trials} (#{trial.number}) epoch {r.epoch}/{ctx.spec.epochs}  "
         f"val_acc {r.val_acc:.4f}  best {best}  {r.images_per_s:,.0f} img/s  ~{_duration(left)} left"
