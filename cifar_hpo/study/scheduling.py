@@ -143,14 +143,28 @@ class Standing:
         return f"rank {self.rank} of {self.n}, {top}"
 
 
-def _rank(configs: Sequence[Config], key: int, epoch: int) -> tuple[int, int]:
-    """(rank, n) of configuration ``key`` among those that reported ``epoch``; ties go to the earlier configuration."""
-    there = sorted((c for c in configs if epoch in c.values), key=lambda c: (_order(c.values[epoch]), c.key))
-    rank = next(i for i, c in enumerate(there, 1) if c.key == key)
-    return rank, len(there)
+def _ranks(configs: Sequence[Config]) -> Callable[[Config], tuple[int, int]]:
+    """(rank, n) of a configuration among those that reported its last epoch; ties go to the earlier configuration.
+
+    Each epoch's order is sorted once per call of the rule (a study of a thousand trials decides in milliseconds).
+    """
+    orders: dict[int, dict[int, int]] = {}
+
+    def rank(c: Config) -> tuple[int, int]:
+        if c.epoch not in orders:
+            there = sorted((o for o in configs if c.epoch in o.values), key=lambda o: (_order(o.values[c.epoch]), o.key))
+            orders[c.epoch] = {o.key: i for i, o in enumerate(there, 1)}
+        return orders[c.epoch][c.key], len(orders[c.epoch])
+
+    return rank
 
 
-def _unsettled_from(rule: Rule, configs: Sequence[Config], *, new_left: bool) -> float:
+def _standing(rule: Rule, rank: Callable[[Config], tuple[int, int]], c: Config, *, settled: bool) -> Standing:
+    r, n = rank(c)
+    return Standing(c.epoch, r, n, keep_settled(n, rule.eta) if settled else keep(n, rule.eta))
+
+
+def _unsettled_from(rule: Rule, configs: Sequence[Config], rank: Callable[[Config], tuple[int, int]], *, new_left: bool) -> float:
     """The lowest rung some configuration may still reach from below (inf: every rung is settled).
 
     While new configurations may start, nothing is settled. Then a rung is unsettled when an active
@@ -165,14 +179,9 @@ def _unsettled_from(rule: Rule, configs: Sequence[Config], *, new_left: bool) ->
     for r in rule.rungs:  # ascending: a promotion from r makes r's next stop unsettled
         if r >= lowest:
             break
-        if any(c.status is Status.PAUSED and c.epoch == r and _standing(rule, configs, c, settled=True).goes_on for c in configs):
+        if any(c.status is Status.PAUSED and c.epoch == r and _standing(rule, rank, c, settled=True).goes_on for c in configs):
             lowest = min(lowest, rule.next_stop(r))
     return lowest
-
-
-def _standing(rule: Rule, configs: Sequence[Config], c: Config, *, settled: bool) -> Standing:
-    rank, n = _rank(configs, c.key, c.epoch)
-    return Standing(c.epoch, rank, n, keep_settled(n, rule.eta) if settled else keep(n, rule.eta))
 
 
 def standings(rule: Rule, configs: Sequence[Config], *, new_left: bool) -> dict[int, Standing]:
@@ -181,8 +190,9 @@ def standings(rule: Rule, configs: Sequence[Config], *, new_left: bool) -> dict[
     Its rung counts as settled (at least one goes on) when no new configuration is left and nothing
     else can reach it any more.
     """
-    lowest = _unsettled_from(rule, configs, new_left=new_left)
-    return {c.key: _standing(rule, configs, c, settled=lowest > c.epoch) for c in configs if c.status is Status.PAUSED}
+    rank = _ranks(configs)
+    lowest = _unsettled_from(rule, configs, rank, new_left=new_left)
+    return {c.key: _standing(rule, rank, c, settled=lowest > c.epoch) for c in configs if c.status is Status.PAUSED}
 
 
 @dataclass(frozen=True)
