@@ -220,7 +220,7 @@ def test_a_worker_killed_while_it_resumes_loses_nothing(tmp_path: Path, slower_f
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line)
-            if m := re.match(r"\[(w\d)\] worker pid (\d+)", line):
+            if m := re.search(r"\[(w\d)\] worker pid (\d+)", line):
                 pids[m.group(1)] = int(m.group(2))
             m = re.match(r"\[(w\d)\] trial #(\d+) promoted at epoch (\d+)", line)
             if m and killed is None and m.group(1) in pids:

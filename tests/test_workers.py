@@ -95,7 +95,9 @@ def test_three_workers_on_sqlite_finish_exactly_n_without_lock_errors(tmp_path: 
     # Each CPU worker had its share of the cores (one of two here), and said which pid to signal.
     if len(os.sched_getaffinity(0)) == 2:
         assert all(t.user_attrs["device"].endswith("1 cores)") for t in finished), [t.user_attrs["device"] for t in finished]
-    assert len(re.findall(r"^\[w\d\] worker pid \d+ on ", output, re.M)) == 3
+    # Not anchored at a line start: once in CI (not reproduced in 8 runs here) the third worker's line, present in the
+    # process's output since its trials were there, did not begin a line of the captured output.
+    assert sorted(re.findall(r"\[w(\d)\] worker pid \d+ on ", output)) == ["0", "1", "2"]
 
 
 @pytest.mark.slow
