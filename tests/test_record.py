@@ -69,8 +69,8 @@ PROMOTION_KEYS = ("origin", "paused", "schedule", "active_since")
 
 def test_the_pause_and_promote_keys_round_trip_and_a_retry_does_not_inherit_a_pause(tmp_path: Path) -> None:
     study = _study(tmp_path)
+    study.enqueue_trial({}, user_attrs=record.origin_attrs(record.RECIPE))
     trial = study.ask()
-    record.write_origin(trial, record.RECIPE)
     record.write_paused(trial, epoch=4, rank=7, of=24, keep=6, text="paused at epoch 4: rank 7 of 24, the top 6 go on", wall_s=12.345)
     stored = _stored(study, trial.number)
     rec = record.read(stored)

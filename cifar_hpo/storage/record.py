@@ -87,7 +87,7 @@ class TrialRecord:
     resumed_from_epoch: int | None = None  # a retry: epoch of the snapshot it resumed from
     origin: str | None = None  # "recipe": the model's registry recipe, the study's first configuration (never paused)
     # Pause and promote (study.scheduling). While paused (the trial is RUNNING in Optuna's tables, its
-    # snapshot kept): where and why, {"epoch", "rank", "of", "keep", "at"}; removed when a worker claims it.
+    # snapshot kept): where and why, {"trial", "epoch", "rank", "of", "keep", "at", "id"}; removed when a worker claims it.
     paused: dict[str, Any] | None = None
     schedule: str | None = None  # the scheduler's last word on the trial: "paused at epoch 1: rank 3 of 5, ..."
     active_since: str | None = None  # a resumed trial: when its current stretch of training began (ISO 8601, UTC)
@@ -229,9 +229,12 @@ def write_result(trial: TrialRef, *, epochs_run: int, best_epoch: int, wall_s: f
 RECIPE = "recipe"  # `TrialRecord.origin` of the study's first configuration, the model's registry recipe
 
 
-def write_origin(trial: TrialRef, origin: str) -> None:
-    """Where the trial's configuration came from (`RECIPE`: the model's registry recipe, enqueued first)."""
-    _set(trial, "origin", str(origin))
+def origin_attrs(origin: str) -> dict[str, str]:
+    """The user attributes of an enqueued trial saying where its configuration came from (`RECIPE`: the registry recipe).
+
+    Given to ``Study.enqueue_trial``: a waiting trial carries them from its creation.
+    """
+    return {"origin": str(origin)}
 
 
 def write_schedule(trial: TrialRef, text: str) -> None:
@@ -269,9 +272,9 @@ def is_paused(trial: optuna.trial.FrozenTrial) -> bool:
 def claim_paused(st: optuna.storages.RDBStorage, trial_id: int, paused: Mapping[str, Any]) -> bool:
     """Take the paused trial ``trial_id`` for this process: delete its ``paused`` marker if it is still ``paused``.
 
-    One statement, so of several workers trying at once exactly one gets True (SQLite serializes
-    writes; PostgreSQL's row lock makes the second DELETE find nothing). A marker written by a later
-    pause of the same trial has another ``id`` and is not taken.
+    The DELETE is conditional on the stored marker, so of several workers trying at once exactly one
+    gets True (SQLite serializes writes; PostgreSQL's row lock makes the second DELETE find nothing).
+    A marker written by a later pause of the same trial has another ``id`` and is not taken.
     """
     table = optuna_compat.USER_ATTR_TABLE
     with st.engine.begin() as con:

@@ -116,7 +116,7 @@ def enqueue_recipe(study: optuna.Study, spec: StudySpec) -> None:
     """
     point, _ = recipe_point(spec)
     if point is not None and not any(record.read(t).origin == record.RECIPE for t in study.get_trials(deepcopy=False)):
-        study.enqueue_trial(point, user_attrs={"origin": record.RECIPE}, skip_if_exists=True)
+        study.enqueue_trial(point, user_attrs=record.origin_attrs(record.RECIPE), skip_if_exists=True)
 
 
 def split_attrs(spec: StudySpec, split_hash: str) -> dict[str, Any]:
