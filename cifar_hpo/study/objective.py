@@ -431,9 +431,9 @@ def _progress(ctx: Context, trial: optuna.Trial, n_done: int, r: Any, started: f
         left_trial = per_epoch * (ctx.spec.epochs - r.epoch)
         mean_trial = sum(ctx.trial_seconds) / len(ctx.trial_seconds) if ctx.trial_seconds else per_epoch * ctx.spec.epochs
         left = left_trial + mean_trial * max(0, ctx.target_trials - n_done - 1)
-    else:  # pause and promote: the epochs the rule is expected to train in all, less those trained so far
-        trained = sum(len(t.intermediate_values) for t in trial.study.get_trials(deepcopy=False))
-        left = r.seconds * max(0.0, ctx.target_trials * scheduling.expected_epochs(rule) - trained)
+    else:  # pause and promote: the epochs the rule still has to train (at least)
+        configs = scheduling.ladder(trial.study.get_trials(deepcopy=False))
+        left = r.seconds * scheduling.epochs_left(rule, configs, ctx.target_trials)
     ctx.log(
         f"trial {n_done + 1}/{ctx.target_trials} (#{trial.number}) epoch {r.epoch}/{ctx.spec.epochs}  "
         f"val_acc {r.val_acc:.4f}  best {best}  {r.images_per_s:,.0f} img/s  ~{_duration(left)} left"
