@@ -133,6 +133,20 @@ def _parser_bench(p: argparse.ArgumentParser) -> None:
         "--precision", default="fp32,bf16", help="comma-separated precisions measured side by side (default: fp32,bf16)"
     )
     _add_json_flag(b)
+    b = sub.add_parser("profile", help="one CPU training epoch taken apart (augment, forward, backward, optimizer, "
+                       "lookahead, evaluation) per thread count, memory format, batch size, precision and instruction set")
+    b.add_argument("--study", default="fast_light", help="study whose recipe network is profiled (default: fast_light)")
+    b.add_argument("--isa", default="native",
+                   help="instruction sets, each in its own process: native, avx512 (no AMX), avx2 (no AVX-512); "
+                   "comma-separated (default: native)")
+    b.add_argument("--threads", default="1,2", help="torch threads, comma-separated (default: 1,2)")
+    b.add_argument("--formats", default="channels_last,contiguous", help="memory formats (default: channels_last,contiguous)")
+    b.add_argument("--batch-sizes", default=None, help="training batch sizes, comma-separated (default: the recipe's)")
+    b.add_argument("--precisions", default="auto", help="fp32, bf16, auto, comma-separated (default: auto)")
+    b.add_argument("--images", type=int, default=4096, help="synthetic training images per measurement (default: 4096)")
+    b.add_argument("--eval-images", type=int, default=1024, help="synthetic evaluation images (default: 1024)")
+    b.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians reported (default: 3)")
+    _add_json_flag(b)
     b = sub.add_parser("time-to-accuracy", help="wall time until fast_cnn reaches --target test accuracy")
     _add_data_flags(b, default="cifar10")
     _add_device_flag(b)
@@ -280,7 +294,8 @@ COMMANDS: dict[str, Command] = {
                        "Classify images with a final.pt, model.pt2 or model.onnx (ONNX Runtime, no torch needed).",
                        _parser_predict),  # fmt: skip
     "explore": Command("commands.explore", "Write sample-image grids per class, augmentation previews and class counts.", _parser_explore),
-    "bench": Command("bench", "Benchmarks measured side by side in one run (data, train, time-to-accuracy, pruning, faults).",
+    "bench": Command("bench", "Benchmarks measured side by side in one run (data, train, profile, time-to-accuracy, "
+                     "pruning, faults, curves, search, device).",
                      _parser_bench),  # fmt: skip
 }
 

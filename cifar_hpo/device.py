@@ -52,19 +52,49 @@ def cpu_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+# The CPU flags that decide how fast this project trains on a CPU (README, "per CPU kind").
+SPEED_FLAGS = ("amx_bf16", "avx512f", "avx2")
+
+
 @functools.cache
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX bf16 tiles (``amx_bf16`` in /proc/cpuinfo's flags).
+def cpu_info(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, frozenset[str]]:
+    """The CPU's model name and flags from ``cpuinfo`` (the platform's name and no flags where there is none)."""
+    model, flags = platform.processor() or "unknown", frozenset[str]()
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = frozenset(value.split())
+                    break
+    except OSError:
+        pass
+    return model, flags
+
+
+def speed_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
+    """Which of `SPEED_FLAGS` this CPU has, in that order."""
+    flags = cpu_info(cpuinfo)[1]
+    return [f for f in SPEED_FLAGS if f in flags]
+
+
+def cpu_has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU has AMX bf16 tiles (``amx_bf16`` in /proc/cpuinfo's flags) that oneDNN may use.
 
     bf16 autocast pays on a CPU only with them: fast_cnn trained at 1,091 img/s in
     bf16 vs 370 in fp32 on a Xeon with AMX, but at 187 vs 323 (fp32 channels_last)
     on a Xeon with AVX-512 bf16 and no AMX.
+
+    A cap on oneDNN's instruction sets below AMX (``ONEDNN_MAX_CPU_ISA=AVX2`` or
+    ``AVX512_CORE``, as ``cifar-hpo bench profile --isa`` sets, or a user who wants
+    fp32) leaves oneDNN without the tiles: then this says False too.
     """
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
-    except OSError:  # not Linux: fp32, the safe choice
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).strip().upper()
+    if cap and cap not in ("ALL", "DEFAULT") and "AMX" not in cap:
         return False
+    return "amx_bf16" in cpu_info(cpuinfo)[1]
 
 
 def device_name(device: torch.device) -> str:

@@ -379,6 +379,44 @@ def test_bench_train_json(capsys: pytest.CaptureFixture) -> None:
     assert set(result["img_s"]["fast_cnn"]) == {"fp32", "bf16"}
 
 
+def test_amx_counts_only_where_the_cpu_has_it_and_onednn_may_use_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cifar_hpo import device
+
+    amx, plain = tmp_path / "amx", tmp_path / "plain"
+    amx.write_text("processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n\n")
+    plain.write_text("processor\t: 0\nmodel name\t: Some EPYC\nflags\t\t: fpu avx2\n\n")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    assert device.cpu_info(str(amx)) == ("Some Xeon", frozenset({"fpu", "avx2", "avx512f", "amx_bf16", "amx_tile"}))
+    assert device.speed_flags(str(amx)) == ["amx_bf16", "avx512f", "avx2"] and device.speed_flags(str(plain)) == ["avx2"]
+    assert device.cpu_has_amx(str(amx)) and not device.cpu_has_amx(str(plain))
+    assert not device.cpu_has_amx(str(tmp_path / "none"))  # no /proc/cpuinfo: fp32
+    for cap, has in (("AVX2", False), ("avx512_core", False), ("AVX512_CORE_AMX", True), ("ALL", True)):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)  # bench profile --isa: bf16 autocast without tiles ran slower
+        assert device.cpu_has_amx(str(amx)) is has, cap
+        assert not device.cpu_has_amx(str(plain))
+
+
+def test_bench_profile_takes_an_epoch_apart_per_instruction_set(capsys: pytest.CaptureFixture) -> None:
+    argv = ["bench", "profile", "--isa", "native,avx2", "--threads", "1", "--repeats", "1", "--images", "1024"]
+    assert cli.main([*argv, "--eval-images", "64", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = {(r["isa"], r["format"]): r for r in result["rows"]}
+    assert set(rows) == {(i, f) for i in ("native", "avx2") for f in ("channels_last", "contiguous")}
+    for row in rows.values():
+        assert row["forward_us"] > 0 and row["backward_us"] > 0 and row["evaluate_tta_us"] > row["evaluate_us"] > 0
+        assert row["epoch_s"] > 0 and row["train_img_s"] > 0 and row["batch_size"] == 256  # fast_light's recipe
+    avx2 = rows["avx2", "channels_last"]
+    assert avx2["kernels"] == "aten AVX2, onednn cap AVX2" and avx2["bf16"] is False  # the cap reached the child
+    assert rows["native", "channels_last"]["kernels"].endswith("onednn cap none")
+    assert set(result["cpu_flags"]) <= {"amx_bf16", "avx512f", "avx2"}
+    for bad, word in ((["--isa", "sse"], "--isa"), (["--formats", "nhwc"], "--formats"), (["--threads", "0"], "--threads"),
+                      (["--study", "nope"], "nope"), (["--images", "1000"], "--images 1000: at least 1024")):  # fmt: skip
+        assert cli.main(["bench", "profile", *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert word in err and len(err.splitlines()) == 1, err
+
+
 def test_bench_time_to_accuracy_json(image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     argv = ["bench", "time-to-accuracy", "--data", str(image_folder), "--cache-dir", str(tmp_path / "c")]
     argv += ["--device", "cpu", "--json", "--set", "batch_size=16", "--set", "arch.width=0.125"]
@@ -471,7 +509,7 @@ def test_epochs_before_the_last_are_evaluated_without_test_time_augmentation(mon
 def test_auto_precision_uses_bf16_on_cuda_and_on_cpus_with_amx_only(monkeypatch: pytest.MonkeyPatch) -> None:
     from cifar_hpo import device
 
-    assert isinstance(device.cpu_has_amx.__wrapped__(), bool)  # reads /proc/cpuinfo (False where there is none)
+    assert isinstance(device.cpu_has_amx(), bool)  # reads /proc/cpuinfo (False where there is none)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(precision_mod, "cpu_has_amx", lambda: False)
     assert not precision_mod.use_bf16(cpu, "auto") and precision_mod.use_bf16(cuda, "auto")

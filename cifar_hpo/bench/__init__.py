@@ -20,6 +20,7 @@ MODULES = {
     "curves": "cifar_hpo.bench.curves",
     "search": "cifar_hpo.bench.search",
     "device": "cifar_hpo.bench.device",
+    "profile": "cifar_hpo.bench.profile",
 }
 
 

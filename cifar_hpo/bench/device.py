@@ -86,7 +86,7 @@ from typing import Any
 import torch
 
 from cifar_hpo.bench import emit
-from cifar_hpo.device import cpu_threads
+from cifar_hpo.device import SPEED_FLAGS, cpu_info, cpu_threads
 
 # --data when none is given: the shared archive beside the checkout, or a copy inside it
 # (a checkout's own shared/ travels with it to another machine; the folder beside it does not).
@@ -98,7 +98,7 @@ GPU_LIMITS = {"tests": 150.0, "train": 40.0, "data": 40.0, "time-to-accuracy": 9
 CPU_LIMITS = {"tests": 120.0, "train": 60.0, "data": 60.0, "time-to-accuracy": 240.0, "study": 120.0}
 KILL_GRACE_S = 5.0  # after a step's limit: SIGTERM to its process group, then SIGKILL after this
 TAIL_LINES = 20  # lines of a step's output kept in device.json when it has no JSON, or failed
-CPU_FLAGS = ("amx_bf16", "avx512f", "avx2")
+CPU_FLAGS = SPEED_FLAGS
 PACKAGES = ("torch", "torchvision", "optuna", "optuna-dashboard", "sqlalchemy", "numpy", "pillow", "matplotlib",
             "onnx", "onnxscript", "onnxruntime", "pytest")  # fmt: skip
 _PYTEST_COUNT = re.compile(r"\b\d+ (passed|failed|skipped|deselected|errors?|xfailed|xpassed)\b")
@@ -357,28 +357,11 @@ def device_card() -> dict[str, Any]:
         p = torch.cuda.get_device_properties(i)
         card["gpus"].append({"index": i, "name": p.name, "memory_gib": round(p.total_memory / 2**30, 1),
                              "capability": f"{p.major}.{p.minor}", "multiprocessors": p.multi_processor_count})  # fmt: skip
-    model, flags = _cpuinfo()
+    model, flags = cpu_info()
     card["cpu"] = {"model": model, "flags": [f for f in CPU_FLAGS if f in flags], "missing_flags": [f for f in CPU_FLAGS if f not in flags],
                    "cores_usable": cpu_threads(), "cores": os.cpu_count(), "machine": platform.machine()}  # fmt: skip
     card["packages"] = {name: _version(name) for name in PACKAGES}
     return card
-
-
-def _cpuinfo() -> tuple[str, set[str]]:
-    """The CPU's model name and flags from /proc/cpuinfo (empty where there is none)."""
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-                    break
-    except OSError:
-        pass
-    return model, flags
 
 
 def _version(name: str) -> str | None:

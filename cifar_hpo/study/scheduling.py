@@ -97,12 +97,13 @@ def make_rule(min_resource: int, eta: int, epochs: int) -> Rule:
 def epochs_left(rule: Rule, configs: Sequence[Config], n: int) -> int:
     """Epochs the rule still has to train for a study of ``n`` configurations, of which ``configs`` have begun.
 
-    For the progress line's time left. Between two stops (rungs, and the last epoch) the study trains
-    at least as many configurations as go on past its first stop (trained beyond it, or active there: the
-    objective calls this after its rung decision; and the protected recipe), and at least the ``max(1, m // eta)`` that a settled rung of ``m`` promotes (synchronous
-    halving's count: ``rf 3``, rungs 1 and 3 of 10 epochs, 20 configurations: 20, 6 and 2). What they need less
-    what was trained in each stretch. The asynchronous rule may promote more than that count, so this is a
-    lower estimate while trials still start; it is 0 only when nothing is left to train.
+    For the progress line's time left. Between two stops (rungs, and the last epoch) the study trains at
+    least as many configurations as go on past the first stop (trained beyond it, active there: the
+    objective asks after its rung decision; and the protected recipe), and at least the ``max(1, m // eta)``
+    that a settled rung of ``m`` promotes (synchronous halving's count: ``rf 3``, rungs 1 and 3 of 10
+    epochs, 20 configurations: 20, 6 and 2). What they need, less what was trained in each stretch. The
+    asynchronous rule may promote more than that count, so this is a lower estimate while trials still
+    start; it is 0 only when nothing is left to train.
     """
     stops = [0, *rule.rungs, rule.epochs]
     reach = max(n, len(configs))
@@ -110,10 +111,8 @@ def epochs_left(rule: Rule, configs: Sequence[Config], n: int) -> int:
     for k in range(len(stops) - 1):
         lo, hi = stops[k], stops[k + 1]
         if k > 0:
-            going_on = sum(
-                1 for c in configs
-                if c.epoch > lo or (c.epoch == lo and c.status == Status.ACTIVE) or (c.protected and c.status != Status.DONE)
-            )  # fmt: skip
+            going_on = sum(1 for c in configs if c.epoch > lo or (c.epoch == lo and c.status == Status.ACTIVE)
+                           or (c.protected and c.status != Status.DONE))  # fmt: skip
             reach = min(reach, max(keep_settled(reach, rule.eta), going_on))
         trained = sum(min(max(c.epoch - lo, 0), hi - lo) for c in configs)
         left += max(0, reach * (hi - lo) - trained)
