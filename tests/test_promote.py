@@ -359,3 +359,28 @@ def test_paused_trials_go_on_when_the_study_file_no_longer_pauses(tmp_path: Path
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE] and [t.value for t in trials] == [0.7, 0.8]
     assert sorted(log) == [(0, 2), (0, 3), (0, 4), (1, 2), (1, 3), (1, 4)]
     assert all(record.read(t).schedule == "resumed: the study's pruner no longer pauses trials" for t in trials)
+
+
+def test_a_paused_trial_beyond_a_lowered_target_is_failed_and_its_snapshot_deleted(tmp_path: Path) -> None:
+    """A study paused with --trials 20 and run again with --trials 1: the paused trial is surplus, and nothing
+    will resume it, so its snapshot goes with it (it used to stay on disk)."""
+    from cifar_hpo.study.objective import trial_folder
+
+    url = f"sqlite:///{tmp_path}/db.sqlite3"
+    study = create.open_study(load_spec("fast_light"), url, "hash")
+    results = tmp_path / "results"
+    study.tell(study.ask(), 0.5)  # the recipe, complete: one finished trial
+    paused = study.ask()
+    paused.suggest_float("lr", 0.0375, 3.75, log=True)
+    paused.report(0.31, 1)
+    record.write_paused(paused, epoch=1, rank=2, of=2, keep=0, text="paused at epoch 1: rank 2 of 2", wall_s=1.0)
+    kept = trial_folder(results, study, paused.number)
+    kept.mkdir(parents=True)
+    (kept / "last.pt").write_bytes(b"snapshot")
+    other = trial_folder(results, study, 0)  # another configuration's folder stays
+    other.mkdir(parents=True)
+    lines: list[str] = []
+    assert not worker._fail_spares(study, worker._progress(study), 1, lines.append, results)
+    assert study.get_trials()[paused.number].state == TrialState.FAIL
+    assert not kept.exists() and other.is_dir()
+    assert lines == [f"trial #{paused.number} not run: the study already had enough finished or running trials"]

@@ -381,7 +381,12 @@ def stop_paused(trial: optuna.Trial, ctx: Context, text: str) -> None:
     _upload_curve(trial, ctx, [{"epoch": k, "val_acc": v} for k, v in sorted(reports.items())])
     trial.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
     root = storage.retried_trial_number(trial)
-    _remove([trial_folder(ctx.results, trial.study, trial.number if root is None else root)])
+    remove_trial_folder(ctx.results, trial.study, trial.number if root is None else root)
+
+
+def remove_trial_folder(results: Path, study: optuna.Study, lineage: int) -> None:
+    """Delete the folder (snapshot) of configuration ``lineage``, which will never train again."""
+    _remove([trial_folder(results, study, lineage)])
 
 
 def _keep_checkpoint(trial: optuna.Trial, ctx: Context, params: TrialParams, best: dict[str, Any], value: float) -> None:

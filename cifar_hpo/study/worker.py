@@ -36,7 +36,15 @@ from cifar_hpo.storage.refused import refusal, refusals_as_one_line
 from cifar_hpo.storage.sqlite import sqlite_file
 from cifar_hpo.study import budget, scheduling
 from cifar_hpo.study.create import make_sampler, sampler_seed
-from cifar_hpo.study.objective import Context, Interrupted, TrialPaused, finished_count, objective, stop_paused
+from cifar_hpo.study.objective import (
+    Context,
+    Interrupted,
+    TrialPaused,
+    finished_count,
+    objective,
+    remove_trial_folder,
+    stop_paused,
+)
 from cifar_hpo.study.pruning import make_pruner
 from cifar_hpo.study.scheduling import held_slots as _held_slots
 from cifar_hpo.study.spec import StudySpec
@@ -152,13 +160,14 @@ def _progress(study: optuna.Study) -> _Progress:
     )
 
 
-def _fail_spares(study: optuna.Study, p: _Progress, target: int, log: Callable[[str], None]) -> bool:
+def _fail_spares(study: optuna.Study, p: _Progress, target: int, log: Callable[[str], None], results: Path) -> bool:
     """Fail as surplus what a study that is done still holds beyond its target: nothing is left RUNNING or WAITING for it.
 
     A waiting retry (a second retry of one trial, or one of a trial beyond the target), and a running
     trial beyond the target: its worker was killed (or lost the database) before the check that would
     have failed it, and it would stay RUNNING, as no worker runs a study that is done. A running one
-    whose worker is alive stands down at that check anyway (the same reason holds for it).
+    whose worker is alive stands down at that check anyway (the same reason holds for it). A paused
+    one (a study run again with fewer ``--trials``) has no worker: its snapshot under ``results`` goes too.
 
     Returns:
         Whether a waiting retry may still run (it keeps the study from being done).
@@ -180,6 +189,8 @@ def _fail_spares(study: optuna.Study, p: _Progress, target: int, log: Callable[[
             st.set_trial_state_values(optuna_compat.trial_id(t), TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # its worker failed it first
+        if record.is_paused(t):
+            remove_trial_folder(results, study, heartbeat.lineage(t))
         log(f"trial #{t.number} not run: {why}")
     return pending
 
@@ -244,7 +255,7 @@ def work(spec: StudySpec, url: str, results: Path, data: Any, *, st: optuna.stor
         # add it now, not after GRACE_PERIOD, so that no study ends with a killed configuration not retried.
         if p.awaiting_retry and stopping and heartbeat.requeue(study, p.awaiting_retry):
             continue
-        if p.finished >= spec.trials and not _fail_spares(study, p, spec.trials, log):
+        if p.finished >= spec.trials and not _fail_spares(study, p, spec.trials, log, results):
             break
         if timeout is not None and time.time() - started > timeout:
             log(f"--timeout {timeout:g}s reached; {p.finished}/{spec.trials} trials finished, run again to continue")
