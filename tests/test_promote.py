@@ -384,3 +384,33 @@ def test_a_paused_trial_beyond_a_lowered_target_is_failed_and_its_snapshot_delet
     assert study.get_trials()[paused.number].state == TrialState.FAIL
     assert not kept.exists() and other.is_dir()
     assert lines == [f"trial #{paused.number} not run: the study already had enough finished or running trials"]
+
+
+def test_the_time_left_is_shared_by_the_trials_training_now(tmp_path: Path) -> None:
+    """Two workers each printed the whole study's time left at their own pace (twice the truth); a paused
+    trial trains nothing and shares nothing."""
+    import time
+    import types
+
+    from cifar_hpo.study.objective import time_left
+
+    spec = load_spec("fast_light")
+    study = create.open_study(spec, f"sqlite:///{tmp_path}/db.sqlite3", "hash")
+    first = study.ask()  # the recipe, training
+    first.report(0.4, 1)
+    epoch = types.SimpleNamespace(epoch=1, seconds=10.0)
+
+    def left() -> float:
+        return time_left(spec, 20, study.get_trials(deepcopy=False), 0, epoch, 0.0, [])
+
+    alone = left()
+    assert alone == 10.0 * scheduling.epochs_left(scheduling.rule_of(spec), scheduling.ladder(study.get_trials()), 20)
+    second = study.ask()
+    second.suggest_float("lr", 0.0375, 3.75, log=True)
+    assert left() == pytest.approx(alone / 2)
+    second.report(0.2, 1)
+    record.write_paused(second, epoch=1, rank=2, of=2, keep=0, text="paused at epoch 1: rank 2 of 2", wall_s=1.0)
+    assert left() == pytest.approx(alone - 10.0)  # one worker again; the paused trial's first epoch is done
+    other = dataclasses.replace(spec, pruner=dataclasses.replace(spec.pruner, kind="none"))
+    plain = time_left(other, 20, study.get_trials(deepcopy=False), 0, epoch, time.time() - 10.0, [])
+    assert 10.0 * 9 + 100.0 * 19 - 5 < plain < 10.0 * 9 + 100.0 * 19 + 5  # one trial training: its 9 epochs, 19 trials of 100 s

@@ -430,20 +430,32 @@ def _progress(ctx: Context, trial: optuna.Trial, n_done: int, r: Any, started: f
         best = f"{trial.study.best_value:.4f}"
     except ValueError:
         best = "-"  # no complete trial yet
-    rule = scheduling.rule_of(ctx.spec)
-    if rule is None:
-        per_epoch = (time.time() - started) / max(1, r.epoch)
-        left_trial = per_epoch * (ctx.spec.epochs - r.epoch)
-        mean_trial = sum(ctx.trial_seconds) / len(ctx.trial_seconds) if ctx.trial_seconds else per_epoch * ctx.spec.epochs
-        left = left_trial + mean_trial * max(0, ctx.target_trials - n_done - 1)
-    else:  # pause and promote: the epochs the rule still has to train (at least)
-        configs = scheduling.ladder(trial.study.get_trials(deepcopy=False))
-        left = r.seconds * scheduling.epochs_left(rule, configs, ctx.target_trials)
+    trials = trial.study.get_trials(deepcopy=False)
+    left = time_left(ctx.spec, ctx.target_trials, trials, n_done, r, started, ctx.trial_seconds)
     ctx.log(
         f"trial {n_done + 1}/{ctx.target_trials} (#{trial.number}) epoch {r.epoch}/{ctx.spec.epochs}  "
         f"val_acc {r.val_acc:.4f}  best {best}  {r.images_per_s:,.0f} img/s  ~{_duration(left)} left"
     )
     sys.stdout.flush()
+
+
+def time_left(spec: StudySpec, target: int, trials: list[optuna.trial.FrozenTrial], n_done: int, r: Any, started: float,
+              trial_seconds: list[float]) -> float:  # fmt: skip
+    """Seconds the study still needs, for the progress line, after epoch ``r`` of a trial that began at ``started``.
+
+    The work left is shared by the trials training now (one per worker, on every machine; paused
+    ones train nothing), each at this trial's pace. Under pause and promote the work is the epochs the
+    rule still has to train (`scheduling.epochs_left`); otherwise this trial's epochs left and the
+    mean trial's length (this worker's finished trials) for each trial still to finish.
+    """
+    training = max(1, sum(1 for t in trials if t.state == optuna.trial.TrialState.RUNNING and not record.is_paused(t)))
+    rule = scheduling.rule_of(spec)
+    if rule is None:
+        per_epoch = (time.time() - started) / max(1, r.epoch)
+        left_trial = per_epoch * (spec.epochs - r.epoch)
+        mean_trial = sum(trial_seconds) / len(trial_seconds) if trial_seconds else per_epoch * spec.epochs
+        return left_trial + mean_trial * max(0, target - n_done - 1) / training
+    return r.seconds * scheduling.epochs_left(rule, scheduling.ladder(trials), target) / training
 
 
 def _duration(seconds: float) -> str:
