@@ -70,10 +70,6 @@ class Outcome:
     trace: list[tuple[float, float]]  # (epochs consumed so far, best so far) after each trial
 
 
-
-
-
-
 # ---------------------------------------------------------------- curves under a rule
 
 

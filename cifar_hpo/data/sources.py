@@ -121,8 +121,6 @@ def _ensure_cifar10(data_dir: Path, progress: bool) -> Path:
     return folder
 
 
-
-
 def _listing(root: Path) -> list[tuple[str, int, int]]:
     """Sorted (relative path, size, mtime_ns) of every non-hidden file under ``root``; links are followed.
 

@@ -146,8 +146,6 @@ def _freeze(model: nn.Module, stages: tuple[tuple[str, ...], ...], depth: int, a
     return [m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and not trains(name)]
 
 
-
-
 _RESNET18 = _Torchvision("resnet18", "ResNet18_Weights", "conv1", "maxpool", "fc")
 
 

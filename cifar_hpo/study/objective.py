@@ -49,7 +49,6 @@ def _snapshot_every_s() -> float:
     return float(os.environ.get("CIFAR_HPO_SNAPSHOT_S", "60"))
 
 
-
 class NonFiniteLoss(RuntimeError):
     """Training stopped on a NaN or infinite loss."""
 

@@ -92,13 +92,9 @@ def restore_rng(rng: dict[str, torch.Tensor], device: torch.device, generator: t
 DATA_INIT_IMAGES = 5000
 
 
-
-
 # A probe (cooldown branch) at epoch k decays from the current lr to 0 over this share
 # of the steps trained so far: a complete short WSD schedule of about k * 1.2 epochs.
 PROBE_COOLDOWN_FRAC = 0.2
-
-
 
 
 class StopTraining(Exception):
@@ -156,26 +152,6 @@ class History:
         }
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def _to_cpu(obj: Any) -> Any:
     """Deep copy with every tensor cloned to the CPU (snapshots must not alias live weights)."""
     if isinstance(obj, torch.Tensor):
@@ -187,19 +163,11 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
-
-
 def rung_acc(result: EpochResult) -> float:
     """The accuracy a pruner compares at this epoch: the probe's when one ran, else the EMA's, else the plain one."""
     if result.probe_acc is not None:
         return result.probe_acc
     return result.ema_acc if result.ema_acc is not None else result.val_acc
-
-
-
-
-
-
 
 
 def _probe(
@@ -251,8 +219,6 @@ def _probe(
         model.load_state_dict(saved_model)
         optimizer.load_state_dict(saved_optimizer)
         torch.set_rng_state(saved_rng)
-
-
 
 
 def train(
