@@ -50,7 +50,7 @@ def _add_storage_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--storage",
         default=None,
-        help="SQLAlchemy URL of the study database, e.g. postgresql://user@host/db "
+        help="SQLAlchemy URL of the study database, e.g. postgresql+psycopg://user@host/db "
         "(default: $CIFAR_HPO_STORAGE, else sqlite:///results/cifar_hpo.db)",
     )
 

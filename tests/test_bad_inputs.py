@@ -209,12 +209,12 @@ def test_readers_of_a_running_studys_database_see_its_latest_commits(tmp_path: P
 def test_status_on_a_server_database_without_studies_creates_no_tables(capsys: pytest.CaptureFixture[str]) -> None:
     import sqlalchemy
 
-    admin = sqlalchemy.create_engine("postgresql://postgres@127.0.0.1:5432/test")
+    admin = sqlalchemy.create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/test")
     schema = f"cifar_hpo_empty_{time.monotonic_ns()}"
     with admin.begin() as con:
         con.exec_driver_sql(f"CREATE SCHEMA {schema}")
     try:
-        url = f"postgresql://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{schema}"
+        url = f"postgresql+psycopg://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{schema}"
         assert cli.main(["status", "--storage", url]) == 0
         assert "no study database at" in capsys.readouterr().out
         with admin.connect() as con:

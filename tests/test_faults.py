@@ -31,7 +31,7 @@ from cifar_hpo.errors import UserError
 from cifar_hpo.storage import checkpoint, heartbeat, record
 from cifar_hpo.study.objective import trial_folder
 
-PG = "postgresql://postgres@127.0.0.1:5432/test"
+PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 FAULT_ENV = {"CIFAR_HPO_HEARTBEAT": "1", "CIFAR_HPO_GRACE": "3", "CIFAR_HPO_SNAPSHOT_S": "0"}
 
 @pytest.fixture(scope="module")

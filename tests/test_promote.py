@@ -33,7 +33,7 @@ from cifar_hpo.study.objective import TrialPaused
 from cifar_hpo.study.spec import StudySpec, load_spec
 
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask/tell by hand, as the workers do
-PG = "postgresql://postgres@127.0.0.1:5432/test"
+PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 FAST_FAULTS = {"CIFAR_HPO_HEARTBEAT": "1", "CIFAR_HPO_GRACE": "3", "CIFAR_HPO_SNAPSHOT_S": "0"}
 
 

@@ -44,7 +44,7 @@ def test_sqlite_is_wal_owner_only_and_usable(tmp_path: Path) -> None:
     "url, fragment",
     [
         ("not a url", "is malformed"),
-        ("postgresql://nobody:pw@127.0.0.1:1/none", "cannot be opened"),
+        ("postgresql+psycopg://nobody:pw@127.0.0.1:1/none", "cannot be opened"),
     ],
 )
 def test_bad_storage_is_one_line(url: str, fragment: str) -> None:

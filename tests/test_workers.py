@@ -26,8 +26,8 @@ from optuna.trial import TrialState
 from cifar_hpo import storage
 from cifar_hpo.storage import heartbeat
 
-PG = "postgresql://postgres@127.0.0.1:5432/test"
-PG_WITH_PASSWORD = "postgresql://postgres:s3cret@127.0.0.1:5432/test"  # trust auth here: any password connects
+PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+PG_WITH_PASSWORD = "postgresql+psycopg://postgres:s3cret@127.0.0.1:5432/test"  # trust auth here: any password connects
 
 EPOCH_LINE = re.compile(r"^\[w(\d+)\] trial \d+/\d+ \(#(\d+)\) epoch", re.M)
 

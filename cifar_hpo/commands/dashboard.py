@@ -1,7 +1,7 @@
 """``cifar-hpo dashboard``: optuna-dashboard on the study storage and its artifact store.
 
     cifar-hpo dashboard                   # http://127.0.0.1:8080 for results/cifar_hpo.db
-    cifar-hpo dashboard --storage postgresql://user@host/db --port 8081
+    cifar-hpo dashboard --storage postgresql+psycopg://user@host/db --port 8081
 
 It only reads what runs write (trials, the study note of `dashboard_notes`,
 curves and checkpoints in the artifact store), so it is safe to run beside a

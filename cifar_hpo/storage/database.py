@@ -1,7 +1,7 @@
 """Storage URL -> Optuna storage, with heartbeats, retries and masked URLs.
 
     --storage sqlite:///results/cifar_hpo.db            # default, one machine
-    --storage postgresql://user:pw@db-host/hpo          # many machines
+    --storage postgresql+psycopg://user:pw@db-host/hpo  # many machines
     CIFAR_HPO_STORAGE=postgresql://... cifar-hpo run ...
 
 SQLite is set up so that optuna-dashboard or the ``optuna`` CLI reading the
@@ -97,7 +97,7 @@ def _parse(url: str) -> URL:
     except (sqlalchemy.exc.ArgumentError, ValueError) as e:  # ValueError: e.g. a port that is not a number
         detail = f" ({e})" if isinstance(e, ValueError) else ""
         raise UserError(
-            f"storage URL {mask_url(url)!r} is malformed{detail}; expected e.g. sqlite:///results/cifar_hpo.db or postgresql://user@host:5432/db"
+            f"storage URL {mask_url(url)!r} is malformed{detail}; expected e.g. sqlite:///results/cifar_hpo.db or postgresql+psycopg://user@host:5432/db"
         ) from None
 
 
