@@ -407,7 +407,7 @@ def test_bench_device_writes_one_record_and_says_what_a_cpu_skips(tmp_path: Path
     assert two["json"] is None and two["tail"] == ["two"]
     card = record["card"]
     assert card["torch"] == str(torch.__version__) and card["packages"]["torch"] and card["cpu"]["cores_usable"] >= 1
-    assert set(card["cpu"]["flags"]) | set(card["cpu"]["missing_flags"]) == set(bench_device.CPU_FLAGS)
+    assert set(card["cpu"]["flags"]) | set(card["cpu"]["missing_flags"]) == set(bench_device.SPEED_FLAGS)
     page = (out / "device.md").read_text()
     assert page.startswith("# Device check: passed") and "| one | passed |" in page and "| CPU |" in page and "| torch |" in page
     assert {p.name for p in out.iterdir()} == {"device.json", "device.md", "one.log", "two.log"}

@@ -86,7 +86,7 @@ from typing import Any
 import torch
 
 from cifar_hpo.bench import emit
-from cifar_hpo.device import SPEED_FLAGS, cpu_info, cpu_threads
+from cifar_hpo.device import SPEED_FLAGS, cpu_info, cpu_threads, speed_flags
 
 # --data when none is given: the shared archive beside the checkout, or a copy inside it
 # (a checkout's own shared/ travels with it to another machine; the folder beside it does not).
@@ -98,7 +98,6 @@ GPU_LIMITS = {"tests": 150.0, "train": 40.0, "data": 40.0, "time-to-accuracy": 9
 CPU_LIMITS = {"tests": 120.0, "train": 60.0, "data": 60.0, "time-to-accuracy": 240.0, "study": 120.0}
 KILL_GRACE_S = 5.0  # after a step's limit: SIGTERM to its process group, then SIGKILL after this
 TAIL_LINES = 20  # lines of a step's output kept in device.json when it has no JSON, or failed
-CPU_FLAGS = SPEED_FLAGS
 PACKAGES = ("torch", "torchvision", "optuna", "optuna-dashboard", "sqlalchemy", "numpy", "pillow", "matplotlib",
             "onnx", "onnxscript", "onnxruntime", "pytest")  # fmt: skip
 _PYTEST_COUNT = re.compile(r"\b\d+ (passed|failed|skipped|deselected|errors?|xfailed|xpassed)\b")
@@ -358,7 +357,7 @@ def device_card() -> dict[str, Any]:
         card["gpus"].append({"index": i, "name": p.name, "memory_gib": round(p.total_memory / 2**30, 1),
                              "capability": f"{p.major}.{p.minor}", "multiprocessors": p.multi_processor_count})  # fmt: skip
     model, flags = cpu_info()
-    card["cpu"] = {"model": model, "flags": [f for f in CPU_FLAGS if f in flags], "missing_flags": [f for f in CPU_FLAGS if f not in flags],
+    card["cpu"] = {"model": model, "flags": speed_flags(), "missing_flags": [f for f in SPEED_FLAGS if f not in flags],
                    "cores_usable": cpu_threads(), "cores": os.cpu_count(), "machine": platform.machine()}  # fmt: skip
     card["packages"] = {name: _version(name) for name in PACKAGES}
     return card
@@ -394,7 +393,7 @@ def markdown(record: dict[str, Any]) -> str:
                      f"{g['multiprocessors']} multiprocessors |")  # fmt: skip
     if not gpus:
         lines.append("| GPU | none visible to torch |")
-    flags = ", ".join(cpu["flags"]) or "none of " + ", ".join(CPU_FLAGS)
+    flags = ", ".join(cpu["flags"]) or "none of " + ", ".join(SPEED_FLAGS)
     lines += [f"| CPU | {cpu['model']} ({cpu['machine']}); flags: {flags}"
               + (f" (no {', '.join(cpu['missing_flags'])})" if cpu["missing_flags"] and cpu["flags"] else "")
               + f"; {cpu['cores_usable']} usable cores of {cpu['cores']} |",
